@@ -1,0 +1,35 @@
+"""river_broker: a Kombu/Celery transport that keeps messages in PostgreSQL.
+
+``import river_broker`` registers the ``river`` transport alias, so Celery accepts
+``broker_url = "river+postgresql://user@host:5432/db"``.
+"""
+
+from __future__ import annotations
+
+from kombu.transport import TRANSPORT_ALIASES
+
+from .errors import ConfigurationError, MessageError, RiverBrokerError, SchemaError
+from .options import TransportOptions
+
+__version__ = "0.1.0"
+
+TRANSPORT_ALIASES.setdefault("river", "river_broker.transport:Transport")
+
+
+def __getattr__(name: str):  # the transport imports psycopg: load it on first use
+    if name == "Transport":
+        from .transport import Transport
+
+        return Transport
+    raise AttributeError(name)
+
+
+__all__ = [
+    "ConfigurationError",
+    "MessageError",
+    "RiverBrokerError",
+    "SchemaError",
+    "Transport",
+    "TransportOptions",
+    "__version__",
+]

@@ -1,0 +1,214 @@
+"""The consuming side of one Kombu connection: what to fetch, when, and batched acks.
+
+The transport adapter calls :meth:`Consumer.pump` from Celery's event loop (every tick, when the
+connection's socket is readable, from timers) or from ``drain_events``. ``pump`` decides, without
+touching the database unless there is a reason to, whether to write buffered acks and whether to
+fetch: a queue is fetched when a notification named it, when its last fetch came back full, after
+a fallback poll, or shortly after a notification (a trailing check that covers publishers whose
+NOTIFY was throttled).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from .store import LeasedRow, Store, Token
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Completer:
+    """Buffered acks, written in batches (possibly together with the next fetch).
+
+    Acks may come from any thread (Celery's threads pool); the buffer has its own lock.
+    """
+
+    batch_size: int
+    flush_interval: float
+    _acks: list[Token] = field(default_factory=list)
+    _oldest: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, token: Token) -> bool:
+        """Buffer an ack; True when the buffer was empty before (a flush must be scheduled)."""
+        with self._lock:
+            was_empty = not self._acks
+            self._acks.append(token)
+            if was_empty:
+                self._oldest = time.monotonic()
+            return was_empty
+
+    def take(self) -> list[Token]:
+        with self._lock:
+            acks, self._acks, self._oldest = self._acks, [], None
+            return acks
+
+    def due(self, now: float) -> bool:
+        with self._lock:
+            if not self._acks:
+                return False
+            return (
+                len(self._acks) >= self.batch_size
+                or self._oldest is None
+                or now - self._oldest >= self.flush_interval
+            )
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._acks)
+
+    def next_deadline(self) -> float | None:
+        with self._lock:
+            return None if self._oldest is None else self._oldest + self.flush_interval
+
+
+@dataclass
+class QueueSlot:
+    """What the consumer knows about one queue it consumes."""
+
+    name: str
+    limit: Callable[[], int]  # how many messages the consuming channel can take now
+    deliver: Callable[[LeasedRow], None]
+
+
+class Consumer:
+    """Fetching, acking and maintenance for the consuming side of one Store."""
+
+    #: After a notification, check its queue once more this much later (>= notify_throttle).
+    trailing_delay_factor = 1.5
+
+    def __init__(self, store: Store):
+        self.store = store
+        o = store.options
+        self.options = o
+        self.completer = Completer(o.ack_batch_size, o.ack_flush_interval)
+        self.slots: dict[str, QueueSlot] = {}
+        self._dirty: set[str] = set()
+        self._trailing: dict[str, float] = {}
+        self._next_poll = 0.0
+        self._next_rescue = 0.0
+        self._next_clean = 0.0
+        self._next_scheduled: float | None = None  # monotonic time the next ETA is due
+        self._rotation = 0
+
+    # -- consumers -------------------------------------------------------------------------
+
+    def add_queue(self, slot: QueueSlot) -> None:
+        self.slots[slot.name] = slot
+        self._dirty.add(slot.name)
+        self.store.listen(self.on_notification)
+        self._next_poll = 0.0
+
+    def remove_queue(self, name: str) -> None:
+        self.slots.pop(name, None)
+        self._dirty.discard(name)
+        self._trailing.pop(name, None)
+
+    # -- wake-ups --------------------------------------------------------------------------
+
+    def on_notification(self, payload: str) -> None:
+        kind, rest = payload[:1], payload[1:]
+        if kind == "s":
+            # "s<epoch> <queue>": a message scheduled for later; wake up when it is due.
+            epoch, _, queue = rest.partition(" ")
+            if queue in self.slots:
+                try:
+                    due = time.monotonic() + max(0.0, float(epoch) - time.time())
+                except ValueError:
+                    return
+                if self._next_scheduled is None or due < self._next_scheduled:
+                    self._next_scheduled = due
+            return
+        queue = rest
+        if queue in self.slots:
+            self._dirty.add(queue)
+            if queue not in self._trailing:
+                delay = max(self.options.notify_throttle * self.trailing_delay_factor, 0.005)
+                self._trailing[queue] = time.monotonic() + delay
+
+    # -- the pump --------------------------------------------------------------------------
+
+    def pump(self) -> int:
+        """Do whatever is due now; returns the number of messages delivered."""
+        now = time.monotonic()
+        if now >= self._next_poll:
+            self._maintenance(now)
+        if self._next_scheduled is not None and now >= self._next_scheduled:
+            self._next_scheduled = None
+            self._promote_scheduled()
+        if self._trailing:
+            for queue, when in list(self._trailing.items()):
+                if now >= when:
+                    del self._trailing[queue]
+                    self._dirty.add(queue)
+        delivered = self._fetch_dirty()
+        if self.completer.due(time.monotonic()):
+            self.flush_acks()
+        return delivered
+
+    def flush_acks(self) -> None:
+        acks = self.completer.take()
+        if acks:
+            self.store.ack_and_fetch(acks, None, 0)
+
+    def _fetch_dirty(self) -> int:
+        if not self._dirty:
+            return 0
+        delivered = 0
+        names = [n for n in self.slots if n in self._dirty]
+        if len(names) > 1:  # fairness between queues: rotate the starting point
+            self._rotation = (self._rotation + 1) % len(names)
+            names = names[self._rotation:] + names[: self._rotation]
+        for name in names:
+            slot = self.slots.get(name)
+            if slot is None:
+                continue
+            limit = min(slot.limit(), self.options.fetch_batch_size)
+            if limit <= 0:
+                continue  # stays dirty: fetched again once the channel has room
+            acks = self.completer.take()
+            _, rows = self.store.ack_and_fetch(acks, name, limit)
+            if len(rows) < limit:
+                self._dirty.discard(name)
+            for row in rows:
+                slot.deliver(row)
+            delivered += len(rows)
+        return delivered
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    def _maintenance(self, now: float) -> None:
+        o = self.options
+        self._next_poll = now + o.polling_interval
+        self._dirty.update(self.slots)  # fallback poll: notifications may have been lost
+        if now >= self._next_rescue:
+            self._next_rescue = now + o.rescue_interval
+            self.store.rescue_orphaned_leases()
+        if now >= self._next_clean:
+            self._next_clean = now + o.clean_interval
+            self.store.clean()
+        self._promote_scheduled()
+
+    def _promote_scheduled(self) -> None:
+        queues = list(self.slots)
+        if not queues:
+            return
+        self.store.promote_due_scheduled(queues)
+        epoch = self.store.next_scheduled(queues)
+        if epoch is not None:
+            self._next_scheduled = time.monotonic() + max(0.0, epoch - time.time())
+
+    def next_wakeup(self) -> float:
+        """Monotonic time by which :meth:`pump` has something to do."""
+        times: Iterable[float | None] = (
+            self._next_poll,
+            self._next_scheduled,
+            self.completer.next_deadline(),
+            *self._trailing.values(),
+        )
+        return min(t for t in times if t is not None)

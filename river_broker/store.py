@@ -1,0 +1,331 @@
+"""All database access of river_broker: one psycopg connection and the named queries.
+
+Nothing outside this module runs SQL (``river_broker.sql`` holds the statements). A ``Store`` is
+safe to share between threads: every use of its connection holds ``self.lock``.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from . import migrate
+from .conninfo import describe, with_defaults
+from .errors import MessageError, SchemaError
+from .message import OutgoingRow
+from .options import TransportOptions
+from .sql import queries_for
+
+logger = logging.getLogger(__name__)
+
+Token = tuple[int, int]  # (row id, attempt): the fencing token of one delivery
+
+
+@dataclass(frozen=True)
+class LeasedRow:
+    id: int
+    attempt: int
+    redelivered: bool
+    payload: str
+    priority: int
+
+
+class Store:
+    """One PostgreSQL session and every statement river_broker runs on it."""
+
+    def __init__(self, conninfo: str, options: TransportOptions, *, connect_timeout: float | None = None):
+        self.options = options
+        self.conninfo = with_defaults(
+            conninfo,
+            application_name=options.application_name,
+            keepalives=1,
+            keepalives_idle=options.keepalives_idle,
+            keepalives_interval=options.keepalives_interval,
+            keepalives_count=options.keepalives_count,
+            connect_timeout=max(1, int(connect_timeout)) if connect_timeout else None,
+        )
+        self.q = queries_for(options.schema)
+        self.ns = migrate.lock_namespace(options.schema)
+        self.lock = threading.RLock()
+        self.conn: psycopg.Connection | None = None
+        self.consumer_id: int | None = None
+        self.listening = False
+        self._last_notify: dict[str, float] = {}
+        self._notify_handler: Callable[[str], None] | None = None
+
+    # -- session ---------------------------------------------------------------------------
+
+    def connect(self) -> psycopg.Connection:
+        with self.lock:
+            if self.conn is not None and not self.conn.closed:
+                return self.conn
+            conn = psycopg.connect(self.conninfo, autocommit=True)
+            try:
+                o = self.options
+                # Server-side keepalives: a vanished consumer's session (and its leases) ends
+                # within about idle + interval * count seconds instead of hours.
+                conn.execute(
+                    "SELECT set_config('tcp_keepalives_idle', %s, false),"
+                    " set_config('tcp_keepalives_interval', %s, false),"
+                    " set_config('tcp_keepalives_count', %s, false)",
+                    (str(o.keepalives_idle), str(o.keepalives_interval), str(o.keepalives_count)),
+                )
+                migrate.check_or_migrate(conn, o.schema, auto_migrate=o.auto_migrate)
+            except BaseException:
+                conn.close()
+                raise
+            conn.add_notify_handler(self._on_notify)
+            self.conn = conn
+            self.consumer_id = None
+            self.listening = False
+            return conn
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None and not self.conn.closed
+
+    def close(self) -> None:
+        with self.lock:
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # closing a broken connection: nothing left to do
+                    pass
+
+    def fileno(self) -> int:
+        return self.connect().fileno()
+
+    def _execute(self, name: str, params: dict[str, Any]) -> psycopg.Cursor:
+        conn = self.connect()
+        try:
+            return conn.execute(self.q[name], params)
+        except psycopg.errors.UndefinedTable as exc:
+            raise SchemaError(
+                f"river_broker schema {self.options.schema!r} is missing in "
+                f"{describe(self.conninfo)} (was it dropped?): run `river-broker migrate`"
+            ) from exc
+
+    # -- notifications ---------------------------------------------------------------------
+
+    def listen(self, handler: Callable[[str], None]) -> None:
+        """LISTEN on the schema's wake-up channel; ``handler(payload)`` gets each notification."""
+        with self.lock:
+            conn = self.connect()
+            self._notify_handler = handler
+            if not self.listening:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.options.notify_channel)))
+                self.listening = True
+
+    def _on_notify(self, notify: psycopg.Notify) -> None:
+        if self._notify_handler is not None and notify.channel == self.options.notify_channel:
+            self._notify_handler(notify.payload)
+
+    def consume_notifications(self) -> int:
+        """Read what the server sent without blocking; dispatches notifications."""
+        with self.lock:
+            conn = self.conn
+            if conn is None or conn.closed:
+                raise psycopg.OperationalError("river_broker: connection is closed")
+            pgconn = conn.pgconn
+            pgconn.consume_input()  # raises OperationalError when the server went away
+            count = 0
+            while (n := pgconn.notifies()) is not None:
+                count += 1
+                if self._notify_handler is not None:
+                    channel = n.relname.decode()
+                    if channel == self.options.notify_channel:
+                        self._notify_handler(n.extra.decode())
+            return count
+
+    def wait_readable(self, timeout: float) -> bool:
+        """Block until the server sends something (a notification) or ``timeout`` passes."""
+        fd = self.fileno()
+        try:
+            readable, _, _ = select.select([fd], [], [], max(timeout, 0.0))
+        except InterruptedError:
+            return False
+        if readable:
+            self.consume_notifications()
+        return bool(readable)
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _should_notify(self, queue: str) -> bool:
+        """Throttle NOTIFY per queue: bursts need one wake-up, not one per message."""
+        now = time.monotonic()
+        last = self._last_notify.get(queue)
+        if last is not None and now - last < self.options.notify_throttle:
+            return False
+        self._last_notify[queue] = now
+        return True
+
+    def insert(self, row: OutgoingRow) -> int:
+        params = row.params()
+        params["notify"] = self._should_notify(row.queue)
+        params["channel"] = self.options.notify_channel
+        with self.lock:
+            try:
+                result = self._execute("insert_message", params).fetchone()
+            except psycopg.errors.DataError as exc:
+                raise MessageError(f"message for queue {row.queue!r} rejected: {exc}") from None
+            except psycopg.errors.CheckViolation as exc:
+                raise MessageError(f"message for queue {row.queue!r} rejected: {exc}") from None
+        assert result is not None
+        return int(result[0])
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def register_consumer(self) -> int:
+        """Take a consumer id whose advisory lock this session holds until it ends."""
+        with self.lock:
+            self.connect()
+            if self.consumer_id is None:
+                row = self._execute(
+                    "register_consumer",
+                    {"ns": self.ns, "sequence": f'"{self.options.schema}".consumer_id_seq'},
+                ).fetchone()
+                assert row is not None
+                self.consumer_id = int(row[0])
+            return self.consumer_id
+
+    def _async_commit(self, conn: psycopg.Connection) -> None:
+        if self.options.async_ack_commit:
+            conn.execute("SET LOCAL synchronous_commit TO OFF")
+
+    def ack_and_fetch(
+        self, acks: Sequence[Token], queue: str | None, limit: int
+    ) -> tuple[set[int], list[LeasedRow]]:
+        """Finish ``acks`` and lease up to ``limit`` messages of ``queue``: one round trip.
+
+        Returns the ids whose ack applied, and the leased rows.
+        """
+        with self.lock:
+            owner = self.register_consumer() if queue is not None and limit > 0 else None
+            conn = self.connect()
+            ack_cur = fetch_cur = None
+            with conn.pipeline(), conn.transaction():
+                self._async_commit(conn)
+                if acks:
+                    ack_cur = conn.execute(self.q[self._ack_query()], _token_params(acks))
+                if owner is not None:
+                    fetch_cur = conn.execute(
+                        self.q["fetch_available"],
+                        {"queue": queue, "limit": limit, "owner": owner},
+                    )
+            acked = {r[0] for r in ack_cur.fetchall()} if ack_cur is not None else set()
+            rows = (
+                [LeasedRow(*r) for r in fetch_cur.fetchall()] if fetch_cur is not None else []
+            )
+        if acks and len(acked) != len(acks):
+            _log_stale("ack", acks, acked)
+        return acked, rows
+
+    def _ack_query(self) -> str:
+        return "ack_retain" if self.options.retention > 0 else "ack_delete"
+
+    def discard(self, tokens: Sequence[Token]) -> set[int]:
+        name = "discard_retain" if self.options.retention > 0 else "discard_delete"
+        with self.lock:
+            done = {r[0] for r in self._execute(name, _token_params(tokens)).fetchall()}
+        if len(done) != len(tokens):
+            _log_stale("reject", tokens, done)
+        return done
+
+    def requeue(self, tokens: Sequence[Token]) -> set[int]:
+        """Put the same rows back at the head of their queue, marked redelivered."""
+        params = _token_params(tokens)
+        params["channel"] = self.options.notify_channel
+        with self.lock:
+            done = {r[0] for r in self._execute("requeue", params).fetchall()}
+        if len(done) != len(tokens):
+            _log_stale("requeue", tokens, done)
+        return done
+
+    # -- maintenance -----------------------------------------------------------------------
+
+    def rescue_orphaned_leases(self) -> int:
+        with self.lock:
+            owner = self.consumer_id if self.consumer_id is not None else 0
+            row = self._execute(
+                "rescue_orphaned_leases",
+                {"self": owner, "ns": self.ns, "channel": self.options.notify_channel},
+            ).fetchone()
+        rescued = int(row[0]) if row else 0
+        if rescued:
+            logger.warning("river_broker: %d message(s) of dead consumers made available again",
+                           rescued)
+        return rescued
+
+    def promote_due_scheduled(self, queues: Iterable[str], limit: int = 1000) -> int:
+        with self.lock:
+            row = self._execute(
+                "promote_due_scheduled",
+                {"queues": list(queues), "limit": limit, "channel": self.options.notify_channel},
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def next_scheduled(self, queues: Iterable[str]) -> float | None:
+        """Epoch seconds of the earliest scheduled message of these queues."""
+        with self.lock:
+            row = self._execute("next_scheduled", {"queues": list(queues)}).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def clean(self, limit: int = 10_000) -> int:
+        removed = 0
+        with self.lock:
+            removed += self._execute("clean_expired", {"limit": limit}).rowcount
+            if self.options.retention > 0:
+                removed += self._execute(
+                    "clean_finished", {"retention": self.options.retention, "limit": limit}
+                ).rowcount
+        return removed
+
+    # -- queues ----------------------------------------------------------------------------
+
+    def declare_queue(self, queue: str, arguments: dict[str, Any] | None = None) -> None:
+        with self.lock:
+            self._execute("declare_queue", {"queue": queue, "arguments": Jsonb(arguments or {})})
+
+    def queue_exists(self, queue: str) -> bool:
+        with self.lock:
+            row = self._execute("queue_exists", {"queue": queue}).fetchone()
+        return bool(row and row[0])
+
+    def queue_size(self, queue: str) -> int:
+        with self.lock:
+            row = self._execute("queue_size", {"queue": queue}).fetchone()
+        return int(row[0]) if row else 0
+
+    def purge_queue(self, queue: str) -> int:
+        with self.lock:
+            return self._execute("purge_queue", {"queue": queue}).rowcount
+
+    def delete_queue(self, queue: str) -> None:
+        with self.lock:
+            conn = self.connect()
+            with conn.transaction():
+                self._execute("delete_queue_messages", {"queue": queue})
+                self._execute("delete_queue", {"queue": queue})
+
+
+def _token_params(tokens: Sequence[Token]) -> dict[str, Any]:
+    return {"ids": [t[0] for t in tokens], "attempts": [t[1] for t in tokens]}
+
+
+def _log_stale(what: str, tokens: Sequence[Token], applied: set[int]) -> None:
+    stale = [t for t in tokens if t[0] not in applied]
+    logger.warning(
+        "river_broker: %s ignored for %d delivery(ies) whose lease was lost "
+        "(message redelivered or already finished): %s",
+        what, len(stale), ", ".join(f"{i}:{a}" for i, a in stale[:20]),
+    )

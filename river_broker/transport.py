@@ -1,0 +1,313 @@
+"""The Kombu transport: a thin adapter from Kombu's vocabulary to river_broker's store.
+
+Select it with ``river+postgresql://...`` (after ``import river_broker``) or with
+``transport="river_broker:Transport"`` and a plain ``postgresql://`` URL.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+import time
+from functools import partial
+from queue import Empty
+from typing import Any
+
+import psycopg
+from kombu.transport import virtual
+
+from .conninfo import conninfo_from_client
+from .consumer import Consumer, QueueSlot
+from .errors import ConfigurationError, MessageError, SchemaError
+from .message import from_row, parse_delivery_tag, to_row
+from .options import TransportOptions
+from .store import LeasedRow, Store, Token
+
+logger = logging.getLogger(__name__)
+
+
+class QoS(virtual.QoS):
+    """Prefetch accounting (Kombu's) plus acks and rejects written to the database.
+
+    An ack frees its prefetch slot at once and is written in a batch; rejects and restores are
+    written immediately. Every write carries the delivery's fencing token, so one from a
+    consumer that lost its lease is ignored (and logged) rather than applied to a redelivery.
+    """
+
+    def __init__(self, channel: Channel, prefetch_count: int = 0):
+        super().__init__(channel, prefetch_count)
+        # Kept after the channel closes: a late ack still reaches the database.
+        self._transport: Transport = channel.connection
+
+    def ack(self, delivery_tag: str) -> None:
+        self._quick_ack(delivery_tag)
+        self._transport.on_ack(parse_delivery_tag(delivery_tag))
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        self._quick_ack(delivery_tag)
+        token = parse_delivery_tag(delivery_tag)
+        if requeue:
+            self._transport.requeue([token])
+        else:
+            self._transport.discard([token])
+
+    def restore_unacked(self) -> list[tuple[BaseException, Any]]:
+        """Put every unacked delivery back (same rows, at the head), in one statement."""
+        self._flush()
+        delivered = list(self._delivered.items())
+        self._delivered.clear()
+        tokens = [parse_delivery_tag(tag) for tag, _ in delivered]
+        if not tokens:
+            return []
+        try:
+            self._transport.requeue(tokens)
+        except Transport.connection_errors as exc:
+            # The rows are still leased to this session, which is gone or going: the lease
+            # rescue makes them available again. Nothing is lost, so no emergency dump.
+            logger.info("river_broker: could not restore %d message(s) (%s); they are "
+                        "recovered when their lease expires", len(tokens), exc)
+        return []
+
+
+class Channel(virtual.Channel):
+    """Kombu channel over the river_broker store."""
+
+    QoS = QoS
+    do_restore = True
+    connection: Transport
+
+    @property
+    def store(self) -> Store:
+        return self.connection.store
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        self.store.insert(to_row(queue, message))
+
+    # -- consuming -------------------------------------------------------------------------
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        _, rows = self.store.ack_and_fetch(self.connection.consumer.completer.take(), queue, 1)
+        if not rows:
+            raise Empty()
+        return self._to_message(rows[0])
+
+    def _to_message(self, row: LeasedRow) -> dict[str, Any]:
+        return from_row(
+            row.payload, id=row.id, attempt=row.attempt,
+            redelivered=row.redelivered, priority=row.priority,
+        )
+
+    def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str,
+                      **kwargs: Any) -> Any:
+        result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self.connection.consumer.add_queue(
+            QueueSlot(name=queue, limit=self._room, deliver=partial(self._deliver_row, queue))
+        )
+        return result
+
+    def basic_cancel(self, consumer_tag: str) -> Any:
+        queue = self._tag_to_queue.get(consumer_tag)
+        result = super().basic_cancel(consumer_tag)
+        if queue is not None and self.connection is not None:
+            self.connection.consumer.remove_queue(queue)
+        return result
+
+    def _room(self) -> int:
+        estimate = self.qos.can_consume_max_estimate()
+        if estimate is None:  # prefetch unlimited
+            return self.store.options.fetch_batch_size
+        return estimate
+
+    def _deliver_row(self, queue: str, row: LeasedRow) -> None:
+        self.connection._deliver(self._to_message(row), queue)
+
+    # -- queues ----------------------------------------------------------------------------
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        self.store.declare_queue(queue, _json_safe(kwargs.get("arguments")))
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return self.store.queue_exists(queue)
+
+    def _size(self, queue: str) -> int:
+        return self.store.queue_size(queue)
+
+    def _purge(self, queue: str) -> int:
+        return self.store.purge_queue(queue)
+
+    def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
+        """Bindings are per process (until fanout lands); queue_delete removes the rows."""
+
+    def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False,
+                     **kwargs: Any) -> None:
+        if if_empty and self._size(queue):
+            return
+        super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
+        self.store.delete_queue(queue)
+
+
+class Transport(virtual.Transport):
+    """PostgreSQL transport with leases, LISTEN/NOTIFY wake-ups and batched acks."""
+
+    Channel = Channel
+
+    driver_type = "river"
+    driver_name = "psycopg"
+    default_port = 5432
+    #: The whole URL (with its libpq query parameters) goes to psycopg as it is.
+    can_parse_url = True
+    polling_interval = 1.0
+
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True,
+        exchange_type=frozenset(["direct"]),
+        heartbeats=False,
+    )
+
+    connection_errors = (
+        *virtual.Transport.connection_errors,
+        psycopg.OperationalError,
+        psycopg.InterfaceError,
+    )
+    channel_errors = (*virtual.Transport.channel_errors, MessageError)
+
+    def __init__(self, client: Any, **kwargs: Any):
+        super().__init__(client, **kwargs)
+        self.options = TransportOptions.from_transport_options(client.transport_options)
+        self.polling_interval = self.options.polling_interval
+        self.conninfo = conninfo_from_client(client)
+        self.store = Store(self.conninfo, self.options, connect_timeout=client.connect_timeout)
+        self.consumer = Consumer(self.store)
+        self._loop: Any = None
+        self._loop_thread: int | None = None
+        self._timer_at = math.inf
+        self._closed = False
+
+    # -- connection ------------------------------------------------------------------------
+
+    def establish_connection(self) -> Transport:
+        self.store.connect()
+        self._closed = False
+        return super().establish_connection()
+
+    def verify_connection(self, connection: Any) -> bool:
+        return self.store.connected
+
+    def close_connection(self, connection: Any) -> None:
+        try:
+            super().close_connection(connection)  # closes channels: restores unacked messages
+        finally:
+            try:
+                if self.store.connected:
+                    self.consumer.flush_acks()
+            except self.connection_errors as exc:
+                logger.info("river_broker: acks not written at close (%s); the messages "
+                            "will be redelivered", exc)
+            self._unregister_from_loop()
+            self.store.close()
+            self._closed = True
+
+    def driver_version(self) -> str:
+        return psycopg.__version__
+
+    # -- acks ------------------------------------------------------------------------------
+
+    def on_ack(self, token: Token) -> None:
+        if self._closed:
+            self._late_ack(token)
+            return
+        self.consumer.completer.add(token)
+        loop = self._loop
+        if loop is not None and threading.get_ident() != self._loop_thread:
+            # An ack from a pool thread: wake the event loop so the slot is refilled now.
+            loop.call_soon(self._pump)
+
+    def _late_ack(self, token: Token) -> None:
+        """An ack after the connection closed (a task outlived a reconnect): apply it if the
+        delivery still holds its lease, on a short-lived session."""
+        store = Store(self.conninfo, self.options)
+        try:
+            store.ack_and_fetch([token], None, 0)
+        except self.connection_errors as exc:
+            logger.warning("river_broker: late ack of %s:%s failed (%s); the message will be "
+                           "redelivered", token[0], token[1], exc)
+        finally:
+            store.close()
+
+    def requeue(self, tokens: list[Token]) -> None:
+        self.store.requeue(tokens)
+
+    def discard(self, tokens: list[Token]) -> None:
+        self.store.discard(tokens)
+
+    # -- consuming without an event loop ---------------------------------------------------
+
+    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+        """Deliver what is ready; block on the session's socket (notifications), not on sleep."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.consumer.pump():
+                return
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise socket.timeout()
+            wait = self.consumer.next_wakeup() - now
+            if deadline is not None:
+                wait = min(wait, deadline - now)
+            self.store.wait_readable(max(wait, 0.0))
+
+    # -- Celery's event loop ---------------------------------------------------------------
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        self._unregister_from_loop()
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._fd = self.store.fileno()
+        loop.add_reader(self._fd, self._on_readable)
+        loop.on_tick.add(self._on_tick)
+
+    def _unregister_from_loop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        loop.on_tick.discard(self._on_tick)
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                loop.remove_reader(fd)
+            except (OSError, ValueError, KeyError):
+                pass
+
+    def _on_readable(self) -> None:
+        self.store.consume_notifications()  # marks queues to fetch; the next tick fetches
+
+    def _on_tick(self) -> None:
+        self._pump()
+
+    def _on_timer(self) -> None:
+        self._timer_at = math.inf
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._loop is None or self._closed:
+            return
+        self.consumer.pump()
+        wake = self.consumer.next_wakeup()
+        # One timer for the earliest thing due (trailing checks, ack flush, ETA, poll).
+        if wake < self._timer_at - 0.001:
+            self._timer_at = wake
+            self._loop.call_later(max(wake - time.monotonic(), 0.0), self._on_timer)
+
+
+def _json_safe(arguments: Any) -> dict[str, Any]:
+    if not arguments:
+        return {}
+    return {str(k): (v if isinstance(v, (str, int, float, bool)) or v is None else repr(v))
+            for k, v in dict(arguments).items()}
+
+
+__all__ = ["Channel", "ConfigurationError", "QoS", "SchemaError", "Transport"]

@@ -1,0 +1,72 @@
+"""The Celery app the worker tests start with ``celery -A tests.apps.tasks worker``.
+
+Configuration comes from the environment so each test can point workers at its own schema:
+RIVER_TEST_BROKER_URL, RIVER_TEST_SCHEMA, RIVER_TEST_ACKS_LATE, RIVER_TEST_LOG (a file where
+tasks append one JSON line per event, flushed at once: what the tests read back).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from celery import Celery
+
+import river_broker  # noqa: F401  (registers the river+ URL scheme)
+
+app = Celery("river_tests")
+app.conf.update(
+    broker_url=os.environ.get("RIVER_TEST_BROKER_URL", "river+postgresql://127.0.0.1:5432/test"),
+    broker_transport_options={
+        "schema": os.environ.get("RIVER_TEST_SCHEMA", "river_broker"),
+        "polling_interval": float(os.environ.get("RIVER_TEST_POLL", "1.0")),
+        "rescue_interval": float(os.environ.get("RIVER_TEST_RESCUE", "1.0")),
+        "application_name": os.environ.get("RIVER_TEST_APPNAME", "river_broker"),
+    },
+    task_acks_late=os.environ.get("RIVER_TEST_ACKS_LATE", "1") == "1",
+    task_reject_on_worker_lost=os.environ.get("RIVER_TEST_ACKS_LATE", "1") == "1",
+    worker_prefetch_multiplier=int(os.environ.get("RIVER_TEST_PREFETCH", "4")),
+    worker_hijack_root_logger=False,
+    broker_connection_retry_on_startup=True,
+    task_default_queue=os.environ.get("RIVER_TEST_QUEUE", "celery"),
+    result_backend=None,
+    worker_cancel_long_running_tasks_on_connection_loss=False,
+)
+
+LOG = os.environ.get("RIVER_TEST_LOG")
+
+
+def record(event: str, **fields: object) -> None:
+    if not LOG:
+        return
+    line = json.dumps({"event": event, "pid": os.getpid(), "t": time.time(), **fields})
+    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@app.task
+def noop() -> None:
+    return None
+
+
+@app.task(bind=True)
+def work(self, key: str, seconds: float = 0.0) -> str:
+    record("start", key=key, task_id=self.request.id, redelivered=bool(
+        (self.request.delivery_info or {}).get("redelivered")))
+    if seconds:
+        time.sleep(seconds)
+    record("done", key=key, task_id=self.request.id)
+    return key
+
+
+@app.task(bind=True, max_retries=3)
+def flaky(self, key: str, fail_times: int, countdown: float = 0.5) -> str:
+    record("start", key=key, retries=self.request.retries)
+    if self.request.retries < fail_times:
+        raise self.retry(countdown=countdown)
+    record("done", key=key, retries=self.request.retries)
+    return key

@@ -1,0 +1,50 @@
+"""Sessions: tests (every CPython 3.10-3.13 found here), lint, typecheck, demo, bench.
+
+The README's test command is ``nox -s tests``; ``.ci/run`` calls exactly that.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+ALL_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+# Run on every supported interpreter this machine has; at least one must exist.
+PYTHONS = [v for v in ALL_PYTHONS if shutil.which(f"python{v}")] or ["3"]
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """The whole suite against a real PostgreSQL and real celery workers."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-p", "no:cacheprovider", *session.posargs)
+
+
+@nox.session(python=PYTHONS[-1])
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "river_broker", "tests", "bench", "examples", "noxfile.py")
+
+
+@nox.session(python=PYTHONS[-1])
+def typecheck(session: nox.Session) -> None:
+    session.install("-e", ".[celery]", "mypy")
+    session.run("mypy", "river_broker")
+
+
+@nox.session(python=PYTHONS[-1])
+def demo(session: nox.Session) -> None:
+    """Real celery workers processing tasks published through the river transport."""
+    session.install("-e", ".[test]")
+    session.run("python", "examples/demo.py", *session.posargs)
+
+
+@nox.session(python=PYTHONS[-1])
+def bench(session: nox.Session) -> None:
+    """Side-by-side benchmark against RabbitMQ, Redis and kombu's SQLAlchemy transport."""
+    session.install("-e", ".[bench]")
+    session.run("python", "bench/run.py", *session.posargs)

@@ -81,6 +81,9 @@ class Consumer:
 
     #: After a notification, check its queue once more this much later (>= notify_throttle).
     trailing_delay_factor = 1.5
+    #: Fetch rounds per pump while room keeps freeing up (solo pool: tasks run, and ack,
+    #: inside the delivery); bounded so other event-loop work is not starved.
+    max_fetch_rounds = 4
 
     def __init__(self, store: Store):
         self.store = store
@@ -112,6 +115,7 @@ class Consumer:
     # -- wake-ups --------------------------------------------------------------------------
 
     def on_notification(self, payload: str) -> None:
+        logger.debug("river_broker: notification %r", payload)
         kind, rest = payload[:1], payload[1:]
         if kind == "s":
             # "s<epoch> <queue>": a message scheduled for later; wake up when it is due.
@@ -127,9 +131,10 @@ class Consumer:
         queue = rest
         if queue in self.slots:
             self._dirty.add(queue)
-            if queue not in self._trailing:
-                delay = max(self.options.notify_throttle * self.trailing_delay_factor, 0.005)
-                self._trailing[queue] = time.monotonic() + delay
+            # Publishers skip NOTIFYs within notify_throttle of their last one: look again
+            # after that window, counted from the latest notification (not the first).
+            delay = max(self.options.notify_throttle * self.trailing_delay_factor, 0.005)
+            self._trailing[queue] = time.monotonic() + delay
 
     # -- the pump --------------------------------------------------------------------------
 
@@ -146,10 +151,21 @@ class Consumer:
                 if now >= when:
                     del self._trailing[queue]
                     self._dirty.add(queue)
-        delivered = self._fetch_dirty()
+        delivered = 0
+        for _ in range(self.max_fetch_rounds):
+            fetched = self._fetch_dirty()
+            delivered += fetched
+            if not fetched or not self.has_ready_work():
+                break
         if self.completer.due(time.monotonic()):
             self.flush_acks()
         return delivered
+
+    def has_ready_work(self) -> bool:
+        """A queue may have messages and its channel has room: fetch again without waiting."""
+        return any(
+            name in self._dirty and slot.limit() > 0 for name, slot in self.slots.items()
+        )
 
     def flush_acks(self) -> None:
         acks = self.completer.take()
@@ -173,6 +189,7 @@ class Consumer:
                 continue  # stays dirty: fetched again once the channel has room
             acks = self.completer.take()
             _, rows = self.store.ack_and_fetch(acks, name, limit)
+            logger.debug("river_broker: fetched %d/%d from %s", len(rows), limit, name)
             if len(rows) < limit:
                 self._dirty.discard(name)
             for row in rows:

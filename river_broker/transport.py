@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -186,6 +187,8 @@ class Transport(virtual.Transport):
         self._loop_thread: int | None = None
         self._timer_at = math.inf
         self._closed = False
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -221,10 +224,9 @@ class Transport(virtual.Transport):
             self._late_ack(token)
             return
         self.consumer.completer.add(token)
-        loop = self._loop
-        if loop is not None and threading.get_ident() != self._loop_thread:
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
             # An ack from a pool thread: wake the event loop so the slot is refilled now.
-            loop.call_soon(self._pump)
+            self._poke()
 
     def _late_ack(self, token: Token) -> None:
         """An ack after the connection closed (a task outlived a reconnect): apply it if the
@@ -268,34 +270,71 @@ class Transport(virtual.Transport):
         self._loop_thread = threading.get_ident()
         self._fd = self.store.fileno()
         loop.add_reader(self._fd, self._on_readable)
+        # A self-pipe: lets acks from pool threads, and a pump that left work behind, wake
+        # the loop instead of waiting for its next timer.
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        loop.add_reader(self._wake_r, self._on_poked)
         loop.on_tick.add(self._on_tick)
+        self._poke()  # first fetch as soon as the loop runs
 
     def _unregister_from_loop(self) -> None:
         loop, self._loop = self._loop, None
         if loop is None:
             return
         loop.on_tick.discard(self._on_tick)
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
+        for fd in (getattr(self, "_fd", None), self._wake_r):
+            if fd is not None:
+                try:
+                    loop.remove_reader(fd)
+                except (OSError, ValueError, KeyError):
+                    pass
+        for fd in (self._wake_r, self._wake_w):
+            if fd is not None:
+                os.close(fd)
+        self._wake_r = self._wake_w = None
+
+    def _poke(self) -> None:
+        wake_w = self._wake_w
+        if wake_w is not None:
             try:
-                loop.remove_reader(fd)
-            except (OSError, ValueError, KeyError):
-                pass
+                os.write(wake_w, b"\0")
+            except (BlockingIOError, OSError):
+                pass  # the pipe is full (a wake-up is pending) or closed
+
+    # Deliveries happen only in reader callbacks (after the hub's poll), never in timers or
+    # on_tick (before the poll): Celery reacts to a delivery with hub.call_soon (the solo pool
+    # runs the task that way), and work queued before the poll would wait for its timeout.
+    # Timers and ticks only poke the self-pipe, whose reader then pumps.
 
     def _on_readable(self) -> None:
-        self.store.consume_notifications()  # marks queues to fetch; the next tick fetches
+        self.store.consume_notifications()  # marks the queues named by notifications
+        self._pump()
+
+    def _on_poked(self) -> None:
+        try:
+            while os.read(self._wake_r, 512) if self._wake_r is not None else b"":
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        self._pump()
 
     def _on_tick(self) -> None:
-        self._pump()
+        # Room freed since the last pump (acks from the pool's result handler): go again.
+        if self._loop is not None and self.consumer.has_ready_work():
+            self._poke()
 
     def _on_timer(self) -> None:
         self._timer_at = math.inf
-        self._pump()
+        self._poke()
 
     def _pump(self) -> None:
         if self._loop is None or self._closed:
             return
         self.consumer.pump()
+        if self.consumer.has_ready_work():
+            self._poke()  # the loop must not sleep: fetch again on its next turn
         wake = self.consumer.next_wakeup()
         # One timer for the earliest thing due (trailing checks, ack flush, ETA, poll).
         if wake < self._timer_at - 0.001:

@@ -153,7 +153,7 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.apps.tasks", "worker",
              "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-             "--without-heartbeat", "-l", "INFO", *args],
+             "--without-heartbeat", "-l", os.environ.get("RIVER_TEST_WORKER_LOGLEVEL", "INFO"), *args],
             cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -234,8 +234,17 @@ def celery_app(worker_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
         "application_name": worker_env["RIVER_TEST_APPNAME"],
     }
     monkeypatch.setattr(tasks, "LOG", worker_env["RIVER_TEST_LOG"])
+    reset_app_pools(tasks.app)
     yield tasks.app
-    tasks.app.pool.force_close_all()
+    reset_app_pools(tasks.app)
+
+
+def reset_app_pools(app) -> None:
+    """Close the app's broker connections; the next publish opens new ones."""
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
 
 
 def count_rows(db: psycopg.Connection, schema: str, where: str = "true") -> int:

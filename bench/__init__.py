@@ -1,0 +1,1 @@
+"""Side-by-side benchmark of river_broker against RabbitMQ, Redis and kombu's SQLAlchemy."""

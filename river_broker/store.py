@@ -6,6 +6,7 @@ safe to share between threads: every use of its connection holds ``self.lock``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import threading
@@ -42,7 +43,9 @@ class LeasedRow:
 class Store:
     """One PostgreSQL session and every statement river_broker runs on it."""
 
-    def __init__(self, conninfo: str, options: TransportOptions, *, connect_timeout: float | None = None):
+    def __init__(
+        self, conninfo: str, options: TransportOptions, *, connect_timeout: float | None = None
+    ):
         self.options = options
         self.conninfo = with_defaults(
             conninfo,
@@ -97,10 +100,8 @@ class Store:
         with self.lock:
             conn, self.conn = self.conn, None
             if conn is not None:
-                try:
+                with contextlib.suppress(Exception):  # a broken connection: nothing to do
                     conn.close()
-                except Exception:  # closing a broken connection: nothing left to do
-                    pass
 
     def fileno(self) -> int:
         return self.connect().fileno()
@@ -123,7 +124,8 @@ class Store:
             conn = self.connect()
             self._notify_handler = handler
             if not self.listening:
-                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.options.notify_channel)))
+                channel = sql.Identifier(self.options.notify_channel)
+                conn.execute(sql.SQL("LISTEN {}").format(channel))
                 self.listening = True
 
     def _on_notify(self, notify: psycopg.Notify) -> None:

@@ -6,10 +6,10 @@ Select it with ``river+postgresql://...`` (after ``import river_broker``) or wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
-import socket
 import threading
 import time
 from functools import partial
@@ -57,8 +57,8 @@ class QoS(virtual.QoS):
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
         """Put every unacked delivery back (same rows, at the head), in one statement."""
         self._flush()
-        delivered = list(self._delivered.items())
-        self._delivered.clear()
+        delivered = list(self._delivered.items())  # type: ignore[attr-defined]
+        self._delivered.clear()  # type: ignore[attr-defined]
         tokens = [parse_delivery_tag(tag) for tag, _ in delivered]
         if not tokens:
             return []
@@ -158,7 +158,7 @@ class Transport(virtual.Transport):
 
     driver_type = "river"
     driver_name = "psycopg"
-    default_port = 5432
+    default_port = 5432  # type: ignore[assignment]  # kombu annotates it as None
     #: The whole URL (with its libpq query parameters) goes to psycopg as it is.
     can_parse_url = True
     polling_interval = 1.0
@@ -169,12 +169,15 @@ class Transport(virtual.Transport):
         heartbeats=False,
     )
 
-    connection_errors = (
+    connection_errors = (  # type: ignore[assignment]  # kombu's annotation is tuple[Any]
         *virtual.Transport.connection_errors,
         psycopg.OperationalError,
         psycopg.InterfaceError,
     )
-    channel_errors = (*virtual.Transport.channel_errors, MessageError)
+    channel_errors = (  # type: ignore[assignment]
+        *virtual.Transport.channel_errors,
+        MessageError,
+    )
 
     def __init__(self, client: Any, **kwargs: Any):
         super().__init__(client, **kwargs)
@@ -248,7 +251,9 @@ class Transport(virtual.Transport):
 
     # -- consuming without an event loop ---------------------------------------------------
 
-    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+    def drain_events(  # type: ignore[override]  # kombu's base takes **kwargs
+        self, connection: Any, timeout: float | None = None
+    ) -> None:
         """Deliver what is ready; block on the session's socket (notifications), not on sleep."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -256,7 +261,7 @@ class Transport(virtual.Transport):
                 return
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                raise socket.timeout()
+                raise TimeoutError()
             wait = self.consumer.next_wakeup() - now
             if deadline is not None:
                 wait = min(wait, deadline - now)
@@ -286,10 +291,8 @@ class Transport(virtual.Transport):
         loop.on_tick.discard(self._on_tick)
         for fd in (getattr(self, "_fd", None), self._wake_r):
             if fd is not None:
-                try:
+                with contextlib.suppress(OSError, ValueError, KeyError):
                     loop.remove_reader(fd)
-                except (OSError, ValueError, KeyError):
-                    pass
         for fd in (self._wake_r, self._wake_w):
             if fd is not None:
                 os.close(fd)
@@ -298,10 +301,9 @@ class Transport(virtual.Transport):
     def _poke(self) -> None:
         wake_w = self._wake_w
         if wake_w is not None:
-            try:
+            # A full pipe means a wake-up is already pending; a closed one, we are closing.
+            with contextlib.suppress(BlockingIOError, OSError):
                 os.write(wake_w, b"\0")
-            except (BlockingIOError, OSError):
-                pass  # the pipe is full (a wake-up is pending) or closed
 
     # Deliveries happen only in reader callbacks (after the hub's poll), never in timers or
     # on_tick (before the poll): Celery reacts to a delivery with hub.call_soon (the solo pool

@@ -153,7 +153,8 @@ class Worker:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.apps.tasks", "worker",
              "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-             "--without-heartbeat", "-l", os.environ.get("RIVER_TEST_WORKER_LOGLEVEL", "INFO"), *args],
+             "--without-heartbeat", "-l", os.environ.get("RIVER_TEST_WORKER_LOGLEVEL", "INFO"),
+             *args],
             cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

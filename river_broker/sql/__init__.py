@@ -28,7 +28,7 @@ def raw_queries() -> dict[str, str]:
     parts = _NAME.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
     queries = {}
-    for name, body in zip(parts[1::2], parts[2::2]):
+    for name, body in zip(parts[1::2], parts[2::2], strict=False):
         if name in queries:
             raise RuntimeError(f"duplicate query name {name!r} in queries.sql")
         queries[name] = body.strip()

@@ -1,7 +1,8 @@
-"""Celery unchanged on river_broker: real ``celery worker`` processes (SPEC §1–§2)."""
+"""Celery unchanged on river_broker: real ``celery worker`` processes (SPEC §1-§2)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -51,7 +52,7 @@ def test_retry_with_countdown_waits_as_a_scheduled_row(start_worker, celery_app,
     wait_for(lambda: task_log.keys("done"), 20, "the retried task to succeed")
     starts = task_log.events("start")
     assert [s["retries"] for s in starts] == [0, 1, 2]
-    gaps = [b["t"] - a["t"] for a, b in zip(starts, starts[1:])]
+    gaps = [b["t"] - a["t"] for a, b in itertools.pairwise(starts)]
     assert all(g >= 0.99 for g in gaps), gaps  # countdown honoured: never early
 
 

@@ -1,4 +1,4 @@
-"""The transport through Kombu's API, against a real PostgreSQL (SPEC §1–§3)."""
+"""The transport through Kombu's API, against a real PostgreSQL (SPEC §1-§3)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 
 import psycopg
 import pytest
@@ -235,7 +236,7 @@ def test_eta_message_is_scheduled_not_delivered_early(url, topts, db, schema):
     with connect(url, topts) as conn:
         sq = conn.SimpleQueue("eta")
         due = time.time() + 1.5
-        eta = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(due)) + f".{int(due % 1 * 1e6):06d}+00:00"
+        eta = datetime.fromtimestamp(due, timezone.utc).isoformat()
         sq.put("later", headers={"eta": eta})
         sq.put("now")
         assert [r[1] for r in rows(db, schema)] == ["scheduled", "available"]
@@ -312,7 +313,7 @@ def test_two_competing_consumers_never_receive_the_same_message(url, topts):
                 while True:
                     try:
                         conn.drain_events(timeout=1)
-                    except socket.timeout:
+                    except TimeoutError:
                         return
 
     threads = [threading.Thread(target=consume, args=(n,)) for n in ("a", "b")]

@@ -11,7 +11,8 @@ def test_defaults_when_no_options():
 
 
 def test_unknown_option_is_an_error_with_a_hint():
-    with pytest.raises(ConfigurationError, match=r"unknown .* 'polling_intreval'.*'polling_interval'"):
+    hint = r"unknown .* 'polling_intreval'.*'polling_interval'"
+    with pytest.raises(ConfigurationError, match=hint):
         TransportOptions.from_transport_options({"polling_intreval": 2})
 
 

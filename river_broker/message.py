@@ -7,6 +7,7 @@ and ``properties`` (``priority``, ``expiration``, ``delivery_info``...). Celery'
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -17,6 +18,9 @@ from .errors import MessageError
 
 MIN_PRIORITY = 0
 MAX_PRIORITY = 9
+
+# Python 3.10's fromisoformat takes only 3 or 6 fraction digits and no "Z": normalise first.
+_FRACTION = re.compile(r"(T\d\d:\d\d:\d\d)\.(\d+)")
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,8 @@ def parse_eta(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         eta = value
     elif isinstance(value, str):
-        text = value[:-1] + "+00:00" if value.endswith("Z") else value
+        text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+        text = _FRACTION.sub(lambda m: f"{m.group(1)}.{m.group(2)[:6].ljust(6, '0')}", text)
         try:
             eta = datetime.fromisoformat(text)
         except ValueError:

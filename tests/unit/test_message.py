@@ -63,3 +63,9 @@ def test_leased_row_carries_its_fencing_token_as_delivery_tag():
     assert message["properties"]["delivery_tag"] == "42:3"
     assert message["redelivered"] is True  # attempt > 1
     assert parse_delivery_tag(delivery_tag(42, 3)) == (42, 3)
+
+
+@pytest.mark.parametrize("text", ["2026-12-04T10:00:00.5Z", "2026-12-04T10:00:00.500000+00:00",
+                                  "2026-12-04T10:00:00.5000001+00:00"])
+def test_eta_fractions_parse_the_same_on_every_python(text):
+    assert parse_eta(text) == datetime(2026, 12, 4, 10, 0, 0, 500000, tzinfo=timezone.utc)

@@ -103,6 +103,7 @@ class Broker:
     port: int
     sizes: Sizes
     transport_options: dict[str, Any] = field(default_factory=dict)
+    postgres: bool = False  # stored in the bench's PostgreSQL (restarts are noticed)
     setup: Callable[[], None] = lambda: None
     teardown: Callable[[], None] = lambda: None
     notes: list[str] = field(default_factory=list)
@@ -116,7 +117,7 @@ def make_brokers(quick: bool, run_id: str) -> dict[str, Broker]:
     return {
         "river": Broker(
             "river", "river+postgresql://postgres@127.0.0.1:5432/test", "127.0.0.1", 5432, full,
-            transport_options={"schema": river_schema},
+            transport_options={"schema": river_schema}, postgres=True,
             teardown=lambda: drop_schema(river_schema),
         ),
         "rabbitmq": Broker(
@@ -128,6 +129,7 @@ def make_brokers(quick: bool, run_id: str) -> dict[str, Broker]:
             "127.0.0.1", 5432, sqla,
             # The options go to sqlalchemy.create_engine: its tables land in a fresh schema.
             transport_options={"connect_args": {"options": f"-csearch_path={sqla_schema}"}},
+            postgres=True,
             setup=lambda: create_schema(sqla_schema),
             teardown=lambda: close_sqla_and_drop(sqla_schema),
         ),
@@ -147,8 +149,29 @@ def create_schema(schema: str) -> None:
     _pg_execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
 
 
-def drop_schema(schema: str) -> None:
-    _pg_execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+def drop_schema(schema: str, attempts: int = 5) -> None:
+    """Drop ``schema``, retrying for a while (the server may be restarting)."""
+    for attempt in range(attempts):
+        try:
+            _pg_execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            return
+        except Exception as exc:
+            if attempt == attempts - 1:
+                hint = f'drop it by hand: DROP SCHEMA "{schema}" CASCADE'
+                raise RuntimeError(f"{exc}; {hint}") from exc
+            time.sleep(3.0)
+
+
+def pg_started_at() -> str | None:
+    """When the PostgreSQL server started (to notice a restart during a run), or None."""
+    import psycopg
+
+    try:
+        with psycopg.connect(PG_DSN, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT pg_postmaster_start_time()::text").fetchone()
+    except Exception:
+        return None
+    return row[0] if row else None
 
 
 def close_sqla_and_drop(schema: str) -> None:
@@ -431,6 +454,7 @@ def run_broker(broker: Broker, run_id: str, workdir: Path) -> dict[str, Any]:
     worker = Worker(broker, celery_queue, workdir)
     app = make_app(broker.url, broker.transport_options, celery_queue)
     result["load_before"] = os.getloadavg()
+    pg_before = pg_started_at() if broker.postgres else None
     try:
         setup = phase("setup", lambda: broker.setup() or "done")
         if setup is None:
@@ -473,6 +497,9 @@ def run_broker(broker: Broker, run_id: str, workdir: Path) -> dict[str, Any]:
             delete_queues(broker, [raw_queue, celery_queue])
         phase("cleanup", lambda: broker.teardown() or "done")
         result["load_after"] = os.getloadavg()
+        if broker.postgres and pg_started_at() != pg_before:
+            broker.notes.append("PostgreSQL restarted during this broker's run: numbers invalid")
+            result["status"] = "partial"
     return result
 
 

@@ -58,10 +58,17 @@ class TransportOptions:
     #: Write acks and leases without waiting for the WAL flush (a lost ack means a re-run,
     #: which at-least-once allows). Publishing is always durable.
     async_ack_commit: bool = True
-    #: TCP keepalive (seconds) on both ends so a vanished peer loses its leases.
-    keepalives_idle: int = 5
-    keepalives_interval: int = 2
+    #: TCP keepalive (seconds) on both ends so a vanished peer loses its leases: an idle
+    #: session whose machine is gone ends after idle + interval * count seconds (7 s), and
+    #: tcp_user_timeout (the same 7 s) bounds unacknowledged sends. With rescue_interval that
+    #: keeps recovery from a lost machine under 10 s.
+    keepalives_idle: int = 4
+    keepalives_interval: int = 1
     keepalives_count: int = 3
+
+    @property
+    def dead_peer_timeout_ms(self) -> int:
+        return (self.keepalives_idle + self.keepalives_interval * self.keepalives_count) * 1000
     #: application_name of river_broker's sessions unless the URL sets one.
     application_name: str = "river_broker"
 

@@ -54,6 +54,7 @@ class Store:
             keepalives_idle=options.keepalives_idle,
             keepalives_interval=options.keepalives_interval,
             keepalives_count=options.keepalives_count,
+            tcp_user_timeout=options.dead_peer_timeout_ms,
             connect_timeout=max(1, int(connect_timeout)) if connect_timeout else None,
         )
         self.q = queries_for(options.schema)
@@ -79,8 +80,10 @@ class Store:
                 conn.execute(
                     "SELECT set_config('tcp_keepalives_idle', %s, false),"
                     " set_config('tcp_keepalives_interval', %s, false),"
-                    " set_config('tcp_keepalives_count', %s, false)",
-                    (str(o.keepalives_idle), str(o.keepalives_interval), str(o.keepalives_count)),
+                    " set_config('tcp_keepalives_count', %s, false),"
+                    " set_config('tcp_user_timeout', %s, false)",
+                    (str(o.keepalives_idle), str(o.keepalives_interval), str(o.keepalives_count),
+                     str(o.dead_peer_timeout_ms)),
                 )
                 migrate.check_or_migrate(conn, o.schema, auto_migrate=o.auto_migrate)
             except BaseException:

@@ -6,14 +6,21 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from kombu.transport import TRANSPORT_ALIASES
 
 from .errors import ConfigurationError, MessageError, RiverBrokerError, SchemaError
 from .options import TransportOptions
+from .sequences import Sequence, SequenceInfo, list_sequences
 
 __version__ = "0.1.0"
 
 TRANSPORT_ALIASES.setdefault("river", "river_broker.transport:Transport")
+
+# Celery is optional: with it, task options become headers at publish.
+with contextlib.suppress(ImportError):
+    from . import celery_integration  # noqa: F401
 
 
 def __getattr__(name: str):  # the transport imports psycopg: load it on first use
@@ -29,7 +36,10 @@ __all__ = [
     "MessageError",
     "RiverBrokerError",
     "SchemaError",
+    "Sequence",
+    "SequenceInfo",
     "Transport",
     "TransportOptions",
     "__version__",
+    "list_sequences",
 ]

@@ -57,6 +57,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sequences(args: argparse.Namespace) -> int:
+    from . import sequences
+
+    dsn = _dsn(args)
+    if args.action == "list":
+        rows = sequences.list_sequences(dsn, schema=args.schema, state=args.state,
+                                        key=args.key, limit=args.limit)
+        if not rows:
+            print("no sequences" + (f" in state {args.state}" if args.state else ""))
+            return 0
+        print(f"{'KEY':<40} {'STATE':<8} {'HEAD':>10} {'AGE':>8} {'PENDING':>8}  TASK")
+        for r in rows:
+            age = f"{r.head_age:.1f}s" if r.head_age is not None else "-"
+            print(f"{r.key[:40]:<40} {r.state:<8} {r.head_id or '-':>10} {age:>8} "
+                  f"{r.pending:>8}  {r.task_name or ''} {r.task_id or ''}")
+        return 0
+    if not args.key:
+        raise RiverBrokerError(f"`sequences {args.action}` needs --key KEY")
+    action = sequences.resume if args.action == "resume" else sequences.skip
+    if action(dsn, args.key, schema=args.schema):
+        done = "resumed: its failed message runs again" if args.action == "resume" else (
+            "skipped: its failed message was dropped, the next one runs")
+        print(f"sequence {args.key!r} {done}")
+        return 0
+    print(f"sequence {args.key!r} is not halted (nothing to {args.action})", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="river-broker", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--schema", default=TransportOptions.schema,
                        help="schema name (default: %(default)s)")
         p.set_defaults(func=func)
+    p = sub.add_parser("sequences", help="list sequence keys; resume or skip a halted key")
+    p.add_argument("action", choices=["list", "resume", "skip"])
+    p.add_argument("--key", help="the sequence key (required for resume and skip)")
+    p.add_argument("--state", choices=["running", "waiting", "halted"], help="list only these")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--dsn", help=f"postgresql:// URL (default: ${DSN_ENV})")
+    p.add_argument("--schema", default=TransportOptions.schema,
+                   help="schema name (default: %(default)s)")
+    p.set_defaults(func=cmd_sequences)
     return parser
 
 

@@ -32,6 +32,8 @@ class Completer:
     flush_interval: float
     _acks: list[Token] = field(default_factory=list)
     _oldest: float | None = None
+    #: A finished sequence head is written at once: the next message of its key waits for it.
+    _urgent: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, token: Token) -> bool:
@@ -41,11 +43,14 @@ class Completer:
             self._acks.append(token)
             if was_empty:
                 self._oldest = time.monotonic()
+            if token[2]:
+                self._urgent = True
             return was_empty
 
     def take(self) -> list[Token]:
         with self._lock:
             acks, self._acks, self._oldest = self._acks, [], None
+            self._urgent = False
             return acks
 
     def due(self, now: float) -> bool:
@@ -53,7 +58,8 @@ class Completer:
             if not self._acks:
                 return False
             return (
-                len(self._acks) >= self.batch_size
+                self._urgent
+                or len(self._acks) >= self.batch_size
                 or self._oldest is None
                 or now - self._oldest >= self.flush_interval
             )
@@ -64,6 +70,8 @@ class Completer:
 
     def next_deadline(self) -> float | None:
         with self._lock:
+            if self._urgent:
+                return time.monotonic()
             return None if self._oldest is None else self._oldest + self.flush_interval
 
 

@@ -28,7 +28,9 @@ from .sql import queries_for
 
 logger = logging.getLogger(__name__)
 
-Token = tuple[int, int]  # (row id, attempt): the fencing token of one delivery
+#: (row id, attempt, sequenced): the fencing token of one delivery, and whether finishing it
+#: must promote the next message of its sequence.
+Token = tuple[int, int, bool]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class LeasedRow:
     redelivered: bool
     payload: str
     priority: int
+    sequenced: bool = False
 
 
 class Store:
@@ -180,13 +183,22 @@ class Store:
         params["channel"] = self.options.notify_channel
         with self.lock:
             try:
-                result = self._execute("insert_message", params).fetchone()
-            except psycopg.errors.DataError as exc:
-                raise MessageError(f"message for queue {row.queue!r} rejected: {exc}") from None
-            except psycopg.errors.CheckViolation as exc:
+                if row.sequence_key is None:
+                    result = self._execute("insert_message", params).fetchone()
+                else:
+                    result = self._insert_sequenced(params)
+            except (psycopg.errors.DataError, psycopg.errors.CheckViolation) as exc:
                 raise MessageError(f"message for queue {row.queue!r} rejected: {exc}") from None
         assert result is not None
         return int(result[0])
+
+    def _insert_sequenced(self, params: dict[str, Any]) -> Any:
+        """Lock the key's row, then insert as head or pending: one round trip, one commit."""
+        conn = self.connect()
+        with conn.pipeline(), conn.transaction():
+            self._execute("upsert_sequence", params)
+            cur = self._execute("insert_sequenced_message", params)
+        return cur.fetchone()
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -222,6 +234,9 @@ class Store:
                 self._async_commit(conn)
                 if acks:
                     ack_cur = conn.execute(self.q[self._ack_query()], _token_params(acks))
+                    heads = [t[0] for t in acks if t[2]]
+                    if heads:  # finished sequence heads: the next of each key, same transaction
+                        self._promote_after(heads)
                 if owner is not None:
                     fetch_cur = conn.execute(
                         self.q["fetch_available"],
@@ -238,13 +253,51 @@ class Store:
     def _ack_query(self) -> str:
         return "ack_retain" if self.options.retention > 0 else "ack_delete"
 
+    def _promote_after(self, head_ids: list[int]) -> None:
+        """Promote the next message of every key these (finished) heads held.
+
+        Must run inside the transaction that finished them, after it: the key rows are locked
+        first, so a concurrent publisher of the key is either fully before or fully after.
+        """
+        params = {"ids": head_ids, "channel": self.options.notify_channel}
+        self._execute("lock_sequences_of_heads", params)
+        self._execute("promote_next_in_sequence", params)
+
     def discard(self, tokens: Sequence[Token]) -> set[int]:
         name = "discard_retain" if self.options.retention > 0 else "discard_delete"
+        plain = [t for t in tokens if not t[2]]
+        heads = [t for t in tokens if t[2]]
+        done: set[int] = set()
         with self.lock:
-            done = {r[0] for r in self._execute(name, _token_params(tokens)).fetchall()}
+            if plain:
+                done |= {r[0] for r in self._execute(name, _token_params(plain)).fetchall()}
+            if heads:
+                conn = self.connect()
+                ids = {"ids": [t[0] for t in heads]}
+                with conn.pipeline(), conn.transaction():
+                    cur = self._execute("discard_sequenced", _token_params(heads))
+                    self._execute("lock_sequences_of_heads", ids)
+                    halted = self._execute("halt_sequences", ids)
+                    self._promote_after(ids["ids"])  # keys whose head may continue
+                    if self.options.retention <= 0:
+                        self._execute("drop_continued_discards", ids)
+                done |= {r[0] for r in cur.fetchall()}
+                for (key,) in halted.fetchall():
+                    logger.warning("river_broker: sequence %r halted: its head was discarded "
+                                   "(resume or skip it with `river-broker sequences`)", key)
         if len(done) != len(tokens):
             _log_stale("reject", tokens, done)
         return done
+
+    def repair_sequences(self, limit: int = 1000) -> int:
+        """Promote past heads that vanished (purge, queue delete, manual deletes)."""
+        with self.lock:
+            stale = [r[0] for r in self._execute("stale_sequence_heads", {"limit": limit})]
+            if stale:
+                conn = self.connect()
+                with conn.transaction():
+                    self._promote_after(stale)
+        return len(stale)
 
     def requeue(self, tokens: Sequence[Token]) -> set[int]:
         """Put the same rows back at the head of their queue, marked redelivered."""
@@ -293,7 +346,36 @@ class Store:
                 removed += self._execute(
                     "clean_finished", {"retention": self.options.retention, "limit": limit}
                 ).rowcount
+        self.repair_sequences()
         return removed
+
+    # -- operating sequences ---------------------------------------------------------------
+
+    def list_sequences(self, state: str | None, key: str | None, limit: int) -> list[tuple]:
+        with self.lock:
+            return self._execute(
+                "list_sequences", {"state": state, "key": key, "limit": limit}
+            ).fetchall()
+
+    def resume_sequence(self, key: str) -> bool:
+        params = {"key": key, "channel": self.options.notify_channel}
+        with self.lock:
+            conn = self.connect()
+            with conn.transaction():
+                self._execute("lock_sequence", params)
+                resumed = self._execute("resume_sequence", params).fetchall()
+        return bool(resumed)
+
+    def skip_sequence(self, key: str) -> bool:
+        params = {"key": key, "channel": self.options.notify_channel}
+        with self.lock:
+            conn = self.connect()
+            with conn.transaction():
+                self._execute("lock_sequence", params)
+                skipped = [r[0] for r in self._execute("skip_sequence_head", params)]
+                if skipped:
+                    self._promote_after(skipped)
+        return bool(skipped)
 
     # -- queues ----------------------------------------------------------------------------
 
@@ -313,7 +395,9 @@ class Store:
 
     def purge_queue(self, queue: str) -> int:
         with self.lock:
-            return self._execute("purge_queue", {"queue": queue}).rowcount
+            purged = self._execute("purge_queue", {"queue": queue}).rowcount
+        self.repair_sequences()
+        return purged
 
     def delete_queue(self, queue: str) -> None:
         with self.lock:
@@ -321,6 +405,7 @@ class Store:
             with conn.transaction():
                 self._execute("delete_queue_messages", {"queue": queue})
                 self._execute("delete_queue", {"queue": queue})
+        self.repair_sequences()
 
 
 def _token_params(tokens: Sequence[Token]) -> dict[str, Any]:
@@ -332,5 +417,5 @@ def _log_stale(what: str, tokens: Sequence[Token], applied: set[int]) -> None:
     logger.warning(
         "river_broker: %s ignored for %d delivery(ies) whose lease was lost "
         "(message redelivered or already finished): %s",
-        what, len(stale), ", ".join(f"{i}:{a}" for i, a in stale[:20]),
+        what, len(stale), ", ".join(f"{t[0]}:{t[1]}" for t in stale[:20]),
     )

@@ -99,7 +99,7 @@ class Channel(virtual.Channel):
     def _to_message(self, row: LeasedRow) -> dict[str, Any]:
         return from_row(
             row.payload, id=row.id, attempt=row.attempt,
-            redelivered=row.redelivered, priority=row.priority,
+            redelivered=row.redelivered, priority=row.priority, sequenced=row.sequenced,
         )
 
     def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str,
@@ -227,8 +227,9 @@ class Transport(virtual.Transport):
             self._late_ack(token)
             return
         self.consumer.completer.add(token)
-        if self._loop is not None and threading.get_ident() != self._loop_thread:
-            # An ack from a pool thread: wake the event loop so the slot is refilled now.
+        if self._loop is not None and (token[2] or threading.get_ident() != self._loop_thread):
+            # An ack from a pool thread, or a finished sequence head (its key's next message
+            # waits for it): wake the event loop so it is written and the slot refilled now.
             self._poke()
 
     def _late_ack(self, token: Token) -> None:

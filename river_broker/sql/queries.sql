@@ -50,7 +50,8 @@ SET state = 'reserved',
     reserved_at = now()
 FROM picked
 WHERE m.id = picked.id
-RETURNING m.id, m.attempt, m.redelivered, m.payload, m.priority;
+RETURNING m.id, m.attempt, m.redelivered, m.payload, m.priority,
+          m.sequence_key IS NOT NULL AS sequenced;
 
 -- name: ack_delete
 -- Finish deliveries by their fencing tokens (id, attempt); stale tokens match nothing.
@@ -189,19 +190,218 @@ SELECT EXISTS (SELECT 1 FROM {schema}.queue WHERE name = %(queue)s)
     OR EXISTS (SELECT 1 FROM {schema}.message WHERE queue = %(queue)s);
 
 -- name: queue_size
--- Messages waiting in a queue (ready or scheduled), as AMQP's message_count.
--- Index: message_fetch_idx and message_scheduled_idx (both lead with queue).
+-- Messages waiting in a queue (ready, scheduled, or pending in a sequence), as AMQP's
+-- message_count. Index: message_fetch_idx and message_scheduled_idx (both lead with queue);
+-- pending rows are counted by a scan of the pending index.
 SELECT (SELECT count(*) FROM {schema}.message WHERE state = 'available' AND queue = %(queue)s)
-     + (SELECT count(*) FROM {schema}.message WHERE state = 'scheduled' AND queue = %(queue)s);
+     + (SELECT count(*) FROM {schema}.message WHERE state = 'scheduled' AND queue = %(queue)s)
+     + (SELECT count(*) FROM {schema}.message WHERE state = 'pending' AND queue = %(queue)s);
 
 -- name: purge_queue
--- Removes waiting messages (not the ones being worked), as AMQP's queue.purge.
+-- Removes waiting messages (not the ones being worked), as AMQP's queue.purge. Keys whose
+-- head went are repaired afterwards (stale_sequence_heads + promote_next_in_sequence).
 DELETE FROM {schema}.message
-WHERE queue = %(queue)s AND state IN ('available', 'scheduled');
+WHERE queue = %(queue)s AND state IN ('available', 'scheduled', 'pending');
 
 -- name: delete_queue
 DELETE FROM {schema}.queue WHERE name = %(queue)s;
 
 -- name: delete_queue_messages
 DELETE FROM {schema}.message
-WHERE queue = %(queue)s AND state IN ('available', 'scheduled');
+WHERE queue = %(queue)s AND state IN ('available', 'scheduled', 'pending');
+
+-- name: upsert_sequence
+-- First statement of a sequenced publish: creates the key or locks its row until commit, so
+-- concurrent publishers of one key are serialized and id order equals commit order.
+-- Index: sequence primary key.
+INSERT INTO {schema}.sequence AS s (key) VALUES (%(sequence_key)s)
+ON CONFLICT (key) DO UPDATE SET updated_at = now();
+
+-- name: insert_sequenced_message
+-- Second statement of a sequenced publish (the key's row is locked by upsert_sequence).
+-- The message becomes the head when the key has none (or its head row is gone), otherwise it
+-- waits as 'pending'. A retry of the running head (same task id) takes over the head's
+-- position. The head is written back to the key in the same statement.
+WITH seq AS (
+    SELECT s.head_id FROM {schema}.sequence AS s WHERE s.key = %(sequence_key)s
+), head AS (
+    SELECT m.id, m.task_id, coalesce(m.seq_order, m.id) AS position
+    FROM {schema}.message AS m
+    WHERE m.id = (SELECT head_id FROM seq)
+), decided AS (
+    SELECT NOT EXISTS (SELECT 1 FROM head) AS becomes_head,
+           CASE WHEN %(task_id)s::text IS NOT NULL
+                     AND (SELECT task_id FROM head) = %(task_id)s::text
+                THEN (SELECT position FROM head) END AS takeover_position
+), inserted AS (
+    INSERT INTO {schema}.message
+        (queue, state, priority, run_at, task_id, task_name, payload, sequence_key, seq_order,
+         continue_on_discard)
+    SELECT %(queue)s,
+           CASE WHEN NOT d.becomes_head THEN 'pending'
+                WHEN %(run_at)s::timestamptz > now() THEN 'scheduled'
+                ELSE 'available' END,
+           %(priority)s,
+           coalesce(%(run_at)s::timestamptz, now()),
+           %(task_id)s,
+           %(task_name)s,
+           %(payload)s,
+           %(sequence_key)s,
+           d.takeover_position,
+           %(continue_on_discard)s
+    FROM decided AS d
+    RETURNING id, state, run_at
+), set_head AS (
+    UPDATE {schema}.sequence AS s
+    SET head_id = i.id, updated_at = now()
+    FROM inserted AS i, decided AS d
+    WHERE s.key = %(sequence_key)s AND d.becomes_head
+)
+SELECT id, state,
+       CASE WHEN state <> 'pending' THEN
+            pg_notify(%(channel)s, CASE WHEN state = 'scheduled'
+                                        THEN 's' || extract(epoch FROM run_at)::text || ' '
+                                        ELSE 'a' END || %(queue)s)
+       END
+FROM inserted;
+
+-- name: lock_sequences_of_heads
+-- Before promoting: lock the keys whose head is one of these messages, in key order (no
+-- deadlock between finishers), waiting for any publisher of those keys to commit.
+-- Index: sequence_head_idx.
+SELECT key FROM {schema}.sequence
+WHERE head_id = ANY(%(ids)s::bigint[])
+ORDER BY key
+FOR UPDATE;
+
+-- name: halt_sequences
+-- A discarded head halts its key (unless the message says continue_on_discard).
+UPDATE {schema}.sequence AS s
+SET state = 'halted', halted_at = now(), updated_at = now()
+FROM {schema}.message AS m
+WHERE s.head_id = ANY(%(ids)s::bigint[]) AND m.id = s.head_id
+  AND m.state = 'discarded' AND NOT m.continue_on_discard
+RETURNING s.key;
+
+-- name: discard_sequenced
+-- reject(requeue=False) of a sequenced delivery: the row stays, as 'discarded', so a halted
+-- key can be resumed (run it again) or skipped.
+UPDATE {schema}.message AS m
+SET state = 'discarded', lease_owner = NULL, finished_at = now()
+FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
+WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
+  AND m.sequence_key IS NOT NULL
+RETURNING m.id;
+
+-- name: promote_next_in_sequence
+-- The heads %(ids)s finished: for each active key they held, the first pending message
+-- becomes the head (available, or scheduled when its ETA is later); a key with nothing
+-- pending is removed. Runs after lock_sequences_of_heads in the same transaction.
+-- Index: sequence_head_idx, message_sequence_pending_idx (one probe per key).
+WITH keys AS (
+    SELECT s.key
+    FROM {schema}.sequence AS s
+    WHERE s.head_id = ANY(%(ids)s::bigint[]) AND s.state = 'active'
+      AND NOT EXISTS (SELECT 1 FROM {schema}.message AS h
+                      WHERE h.id = s.head_id AND h.state IN ('available', 'scheduled', 'reserved'))
+), next AS (
+    SELECT n.id, k.key
+    FROM keys AS k
+    CROSS JOIN LATERAL (
+        SELECT m.id FROM {schema}.message AS m
+        WHERE m.state = 'pending' AND m.sequence_key = k.key
+        ORDER BY coalesce(m.seq_order, m.id), m.id
+        LIMIT 1
+    ) AS n
+), promoted AS (
+    UPDATE {schema}.message AS m
+    SET state = CASE WHEN m.run_at > now() THEN 'scheduled' ELSE 'available' END
+    FROM next
+    WHERE m.id = next.id
+    RETURNING m.id, m.sequence_key, m.queue, m.state, m.run_at
+), moved AS (
+    UPDATE {schema}.sequence AS s
+    SET head_id = p.id, updated_at = now()
+    FROM promoted AS p
+    WHERE s.key = p.sequence_key
+), emptied AS (
+    DELETE FROM {schema}.sequence AS s
+    USING keys AS k
+    WHERE s.key = k.key AND NOT EXISTS (SELECT 1 FROM next WHERE next.key = k.key)
+)
+SELECT p.id,
+       pg_notify(%(channel)s, CASE WHEN p.state = 'scheduled'
+                                   THEN 's' || extract(epoch FROM p.run_at)::text || ' '
+                                   ELSE 'a' END || p.queue)
+FROM promoted AS p;
+
+-- name: stale_sequence_heads
+-- Safety net (maintenance, admin operations): heads of active keys that are no longer live
+-- (their row was deleted by purge, queue delete or by hand).
+SELECT s.head_id
+FROM {schema}.sequence AS s
+WHERE s.state = 'active'
+  AND NOT EXISTS (SELECT 1 FROM {schema}.message AS h
+                  WHERE h.id = s.head_id AND h.state IN ('available', 'scheduled', 'reserved'))
+LIMIT %(limit)s;
+
+-- name: list_sequences
+-- Operating sequences: every key with its head and how many wait behind it.
+-- Index: sequence primary key; message primary key; message_sequence_pending_idx.
+SELECT s.key,
+       CASE WHEN s.state = 'halted' THEN 'halted'
+            WHEN h.state = 'reserved' THEN 'running'
+            ELSE 'waiting' END AS state,
+       h.id AS head_id, h.task_id, h.task_name, h.queue, h.state AS head_state, h.attempt,
+       extract(epoch FROM now() - h.created_at)::float8 AS head_age,
+       (SELECT count(*) FROM {schema}.message AS p
+        WHERE p.state = 'pending' AND p.sequence_key = s.key) AS pending,
+       s.halted_at
+FROM {schema}.sequence AS s
+LEFT JOIN {schema}.message AS h ON h.id = s.head_id
+WHERE (%(state)s::text IS NULL
+       OR %(state)s::text = CASE WHEN s.state = 'halted' THEN 'halted'
+                                 WHEN h.state = 'reserved' THEN 'running'
+                                 ELSE 'waiting' END)
+  AND (%(key)s::text IS NULL OR s.key = %(key)s::text)
+ORDER BY s.key
+LIMIT %(limit)s;
+
+-- name: lock_sequence
+-- Index: sequence primary key.
+SELECT key, state, head_id FROM {schema}.sequence WHERE key = %(key)s FOR UPDATE;
+
+-- name: resume_sequence
+-- Run a halted key's failed head again (the same row, marked redelivered).
+WITH head AS (
+    UPDATE {schema}.message AS m
+    SET state = CASE WHEN m.run_at > now() THEN 'scheduled' ELSE 'available' END,
+        finished_at = NULL, redelivered = true
+    FROM {schema}.sequence AS s
+    WHERE s.key = %(key)s AND s.state = 'halted' AND m.id = s.head_id AND m.state = 'discarded'
+    RETURNING m.id, m.queue
+), resumed AS (
+    UPDATE {schema}.sequence AS s
+    SET state = 'active', halted_at = NULL, updated_at = now()
+    FROM head
+    WHERE s.key = %(key)s
+)
+SELECT head.id, pg_notify(%(channel)s, 'a' || head.queue) FROM head;
+
+-- name: skip_sequence_head
+-- Drop a halted key's failed head and let the key move on (promote_next_in_sequence follows).
+WITH reactivated AS (
+    UPDATE {schema}.sequence AS s
+    SET state = 'active', halted_at = NULL, updated_at = now()
+    WHERE s.key = %(key)s AND s.state = 'halted'
+    RETURNING s.head_id
+)
+DELETE FROM {schema}.message AS m
+USING reactivated AS r
+WHERE m.id = r.head_id
+RETURNING m.id;
+
+-- name: drop_continued_discards
+-- A discarded head whose key moved on (continue_on_discard) is not kept when retention is 0.
+DELETE FROM {schema}.message
+WHERE id = ANY(%(ids)s::bigint[]) AND state = 'discarded' AND continue_on_discard;

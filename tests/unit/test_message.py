@@ -62,7 +62,8 @@ def test_leased_row_carries_its_fencing_token_as_delivery_tag():
                        id=42, attempt=3, redelivered=False, priority=5)
     assert message["properties"]["delivery_tag"] == "42:3"
     assert message["redelivered"] is True  # attempt > 1
-    assert parse_delivery_tag(delivery_tag(42, 3)) == (42, 3)
+    assert parse_delivery_tag(delivery_tag(42, 3)) == (42, 3, False)
+    assert parse_delivery_tag(delivery_tag(42, 3, sequenced=True)) == (42, 3, True)
 
 
 @pytest.mark.parametrize("text", ["2026-12-04T10:00:00.5Z", "2026-12-04T10:00:00.500000+00:00",

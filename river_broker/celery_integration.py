@@ -1,0 +1,80 @@
+"""Celery integration: task options turned into message headers at publish.
+
+``@app.task(sequence=river_broker.Sequence(by_args=["customer_id"]))`` computes the key from the
+task name and arguments and writes it to the ``sequence_key`` header in ``before_task_publish``,
+so the transport needs no knowledge of Celery's body format and the key survives ``retry()``.
+Connected when ``river_broker`` is imported and Celery is installed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import signals
+from celery._state import _get_active_apps, get_current_app
+
+from .errors import ConfigurationError
+from .message import CONTINUE_ON_DISCARD_HEADER, SEQUENCE_KEY_HEADER
+from .sequences import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def _find_task(name: str) -> Any:
+    current = get_current_app()
+    task = current.tasks.get(name) if current.finalized else None
+    if task is not None:
+        return task
+    for app in _get_active_apps():
+        if app.finalized and name in app.tasks:
+            return app.tasks[name]
+    return None
+
+
+def _call_arguments(body: Any) -> tuple[list[Any], dict[str, Any]]:
+    if isinstance(body, (tuple, list)) and len(body) >= 2:  # protocol 2: (args, kwargs, embed)
+        return list(body[0] or ()), dict(body[1] or {})
+    if isinstance(body, dict):  # protocol 1
+        return list(body.get("args") or ()), dict(body.get("kwargs") or {})
+    return [], {}
+
+
+@signals.before_task_publish.connect(weak=False, dispatch_uid="river_broker.sequence_key")
+def add_sequence_key(sender: str | None = None, body: Any = None,
+                     headers: dict[str, Any] | None = None, routing_key: str | None = None,
+                     **_: Any) -> None:
+    """Write the task's sequence key into the message headers (an explicit header wins)."""
+    if headers is None or sender is None:
+        return
+    task = _find_task(sender)
+    option = getattr(task, "sequence", None) if task is not None else None
+    if option is None:
+        return
+    if not isinstance(option, Sequence):
+        raise ConfigurationError(
+            f"task {sender!r}: the sequence option must be a river_broker.Sequence, "
+            f"got {option!r}"
+        )
+    if headers.get(SEQUENCE_KEY_HEADER) is None:
+        args, kwargs = _call_arguments(body)
+        headers[SEQUENCE_KEY_HEADER] = option.key_for(task, args, kwargs, queue=routing_key)
+    if option.continue_on_discard:
+        headers.setdefault(CONTINUE_ON_DISCARD_HEADER, True)
+
+
+@signals.worker_init.connect(weak=False, dispatch_uid="river_broker.sequenced_acks_late")
+def require_acks_late(sender: Any = None, **_: Any) -> None:
+    """Sequenced tasks must ack when they finish, not when they start: the ack is what lets
+    the next message of the key run. Force it, and say so loudly where it was off."""
+    app = getattr(sender, "app", None)
+    if app is None:
+        return
+    for name, task in app.tasks.items():
+        if getattr(task, "sequence", None) is not None and not task.acks_late:
+            task.acks_late = True
+            logger.warning(
+                "river_broker: task %s has a sequence but acks_late was off; turned it on "
+                "(with early acks the next message of a key would start while this one runs)",
+                name,
+            )

@@ -40,6 +40,7 @@ class Sequence:
     _names: tuple[str, ...] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
+        names: tuple[str, ...] | None
         if isinstance(self.by_args, bool):
             names = None if self.by_args else ()
         elif isinstance(self.by_args, str) or not all(isinstance(n, str) for n in self.by_args):

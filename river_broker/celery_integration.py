@@ -14,21 +14,28 @@ from typing import Any
 from celery import signals
 from celery._state import _get_active_apps, get_current_app
 
-from .errors import ConfigurationError
-from .message import CONTINUE_ON_DISCARD_HEADER, SEQUENCE_KEY_HEADER
+from .errors import ConfigurationError, MessageError
+from .message import CONTINUE_ON_DISCARD_HEADER, KEY_ERROR, SEQUENCE_KEY_HEADER
 from .sequences import Sequence
 
 logger = logging.getLogger(__name__)
 
 
 def _find_task(name: str) -> Any:
-    current = get_current_app()
-    task = current.tasks.get(name) if current.finalized else None
-    if task is not None:
-        return task
-    for app in _get_active_apps():
-        if app.finalized and name in app.tasks:
-            return app.tasks[name]
+    """The task object being published, from the current app or any other live app.
+
+    ``app.tasks`` finalizes an app that is not yet finalized, as Celery does itself on first
+    use; a task published by name only (``send_task``) may be unknown here: then only an
+    explicit ``sequence_key`` header applies.
+    """
+    apps = [get_current_app(), *(_get_active_apps() or ())]
+    for app in apps:
+        try:
+            task = app.tasks.get(name)
+        except Exception:  # an app that cannot finalize is not the one publishing
+            continue
+        if task is not None:
+            return task
     return None
 
 
@@ -58,7 +65,13 @@ def add_sequence_key(sender: str | None = None, body: Any = None,
         )
     if headers.get(SEQUENCE_KEY_HEADER) is None:
         args, kwargs = _call_arguments(body)
-        headers[SEQUENCE_KEY_HEADER] = option.key_for(task, args, kwargs, queue=routing_key)
+        try:
+            headers[SEQUENCE_KEY_HEADER] = option.key_for(task, args, kwargs, queue=routing_key)
+        except MessageError as exc:
+            # Celery only logs what a signal receiver raises and would publish the message
+            # without its key. Leave the error in the header: the transport raises it from
+            # publish(), before anything is written.
+            headers[SEQUENCE_KEY_HEADER] = {KEY_ERROR: str(exc)}
     if option.continue_on_discard:
         headers.setdefault(CONTINUE_ON_DISCARD_HEADER, True)
 

@@ -22,6 +22,8 @@ MAX_PRIORITY = 9
 #: Header names river_broker reads (Celery keeps custom headers through retry()).
 SEQUENCE_KEY_HEADER = "sequence_key"
 CONTINUE_ON_DISCARD_HEADER = "sequence_continue_on_discard"
+#: A header value standing for a key that could not be computed (carries the reason).
+KEY_ERROR = "river_broker_key_error"
 #: Longest sequence key accepted (bytes of UTF-8); computed keys longer than this are hashed.
 MAX_KEY_BYTES = 512
 
@@ -81,6 +83,8 @@ def sequence_key_of(value: Any) -> str | None:
     """The ``sequence_key`` header: absent, or a non-empty string of bounded length."""
     if value is None:
         return None
+    if isinstance(value, dict) and KEY_ERROR in value:
+        raise MessageError(str(value[KEY_ERROR]))
     if not isinstance(value, str):
         raise MessageError(
             f"header {SEQUENCE_KEY_HEADER!r} must be a string, got {type(value).__name__} "

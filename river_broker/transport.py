@@ -21,7 +21,7 @@ from kombu.transport import virtual
 
 from .conninfo import conninfo_from_client
 from .consumer import Consumer, QueueSlot
-from .errors import ConfigurationError, MessageError, SchemaError
+from .errors import ConfigurationError, SchemaError
 from .message import from_row, parse_delivery_tag, to_row
 from .options import TransportOptions
 from .store import LeasedRow, Store, Token
@@ -174,10 +174,8 @@ class Transport(virtual.Transport):
         psycopg.OperationalError,
         psycopg.InterfaceError,
     )
-    channel_errors = (  # type: ignore[assignment]
-        *virtual.Transport.channel_errors,
-        MessageError,
-    )
+    # MessageError (bad input) is deliberately not a channel error: Kombu would wrap it and
+    # retry the publish; it must reach the caller at once, as itself.
 
     def __init__(self, client: Any, **kwargs: Any):
         super().__init__(client, **kwargs)

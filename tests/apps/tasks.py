@@ -14,6 +14,7 @@ import time
 from celery import Celery
 
 import river_broker  # noqa: F401  (registers the river+ URL scheme)
+from river_broker import Sequence
 
 app = Celery("river_tests")
 app.conf.update(
@@ -70,3 +71,42 @@ def flaky(self, key: str, fail_times: int, countdown: float = 0.5) -> str:
         raise self.retry(countdown=countdown)
     record("done", key=key, retries=self.request.retries)
     return key
+
+
+# -- sequenced tasks ---------------------------------------------------------------------
+
+@app.task(bind=True, sequence=Sequence(by_args=["customer"]))
+def seq_step(self, customer: str, n: int, seconds: float = 0.0) -> None:
+    record("start", key=customer, n=n, task_id=self.request.id, redelivered=bool(
+        (self.request.delivery_info or {}).get("redelivered")))
+    if seconds:
+        time.sleep(seconds)
+    record("done", key=customer, n=n)
+
+
+@app.task(bind=True, sequence=Sequence(by_args=["customer"]), max_retries=3)
+def seq_flaky(self, customer: str, n: int, fail_times: int = 1, countdown: float = 0.5) -> None:
+    record("start", key=customer, n=n, retries=self.request.retries)
+    if self.request.retries < fail_times:
+        raise self.retry(countdown=countdown)
+    record("done", key=customer, n=n)
+
+
+@app.task(bind=True, sequence=Sequence(by_args=["customer"]), acks_on_failure_or_timeout=False)
+def seq_fails_once(self, customer: str, n: int, fail: bool = False) -> None:
+    """Fails (and is discarded: no ack on failure) unless it is a redelivery."""
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    record("start", key=customer, n=n, redelivered=redelivered)
+    if fail and not redelivered:
+        raise ValueError(f"event {n} of {customer} failed")
+    record("done", key=customer, n=n)
+
+
+@app.task(sequence=Sequence(by_args=["customer"]), acks_late=False)
+def seq_early_ack(customer: str) -> None:
+    record("start", key=customer)
+
+
+@app.task(sequence=Sequence(by_args=["account"]))
+def seq_wrong_arg(customer: str) -> None:
+    """Misconfigured on purpose: publishing it must fail with a clear error."""

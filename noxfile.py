@@ -46,8 +46,9 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS_NEWEST)
 def demo(session: nox.Session) -> None:
-    """Real celery workers processing tasks published through the river transport."""
+    """Sequences with real celery workers on PostgreSQL, then a tour of the transport."""
     session.install("-e", ".[test]")
+    session.run("python", "examples/stripe_webhooks/run.py")
     session.run("python", "examples/demo.py", *session.posargs)
 
 

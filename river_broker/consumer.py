@@ -68,6 +68,9 @@ class Completer:
         with self._lock:
             return len(self._acks)
 
+    def urgent(self) -> bool:
+        return self._urgent
+
     def next_deadline(self) -> float | None:
         with self._lock:
             if self._urgent:
@@ -82,6 +85,7 @@ class QueueSlot:
     name: str
     limit: Callable[[], int]  # how many messages the consuming channel can take now
     deliver: Callable[[LeasedRow], None]
+    prefetch: Callable[[], int] = lambda: 0  # the channel's prefetch count (0: unlimited)
 
 
 class Consumer:
@@ -172,8 +176,21 @@ class Consumer:
     def has_ready_work(self) -> bool:
         """A queue may have messages and its channel has room: fetch again without waiting."""
         return any(
-            name in self._dirty and slot.limit() > 0 for name, slot in self.slots.items()
+            name in self._dirty and self._room_to_fetch(slot) > 0
+            for name, slot in self.slots.items()
         )
+
+    def _room_to_fetch(self, slot: QueueSlot) -> int:
+        """How many to fetch now. While the channel still holds messages, wait until half its
+        prefetch is free: a backlog is then drained in batches instead of one round trip per
+        acked message (RabbitMQ streams; we fetch). A finished sequence head is not kept
+        waiting: its ack travels with the fetch at once."""
+        room = min(slot.limit(), self.options.fetch_batch_size)
+        prefetch = slot.prefetch()
+        if room <= 0 or not prefetch or self.completer.urgent():
+            return room
+        in_hand = prefetch - room
+        return room if in_hand <= 0 or room * 2 >= prefetch else 0
 
     def flush_acks(self) -> None:
         acks = self.completer.take()
@@ -192,7 +209,7 @@ class Consumer:
             slot = self.slots.get(name)
             if slot is None:
                 continue
-            limit = min(slot.limit(), self.options.fetch_batch_size)
+            limit = self._room_to_fetch(slot)
             if limit <= 0:
                 continue  # stays dirty: fetched again once the channel has room
             acks = self.completer.take()

@@ -106,7 +106,8 @@ class Channel(virtual.Channel):
                       **kwargs: Any) -> Any:
         result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
         self.connection.consumer.add_queue(
-            QueueSlot(name=queue, limit=self._room, deliver=partial(self._deliver_row, queue))
+            QueueSlot(name=queue, limit=self._room, deliver=partial(self._deliver_row, queue),
+                      prefetch=lambda: self.qos.prefetch_count or 0)
         )
         return result
 

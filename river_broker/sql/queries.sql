@@ -53,6 +53,73 @@ WHERE m.id = picked.id
 RETURNING m.id, m.attempt, m.redelivered, m.payload, m.priority,
           m.sequence_key IS NOT NULL AS sequenced;
 
+-- name: ack_and_fetch
+-- The consumer's hot path in one statement and one round trip: finish deliveries by their
+-- fencing tokens (id, attempt; stale tokens match nothing), then lease up to %(limit)s ready
+-- messages of one queue to consumer %(owner)s. The first column lists the ids whose ack
+-- applied (the same on every row); with nothing fetched, one row carries it alone.
+-- Index: primary key (acks); message_fetch_idx (fetch).
+WITH acked AS (
+    DELETE FROM {schema}.message AS m
+    USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
+    WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
+    RETURNING m.id
+), picked AS (
+    SELECT id
+    FROM {schema}.message
+    WHERE state = 'available'
+      AND queue = %(queue)s
+      AND (expires_at IS NULL OR expires_at > now())
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), fetched AS (
+    UPDATE {schema}.message AS m
+    SET state = 'reserved',
+        attempt = m.attempt + 1,
+        lease_owner = %(owner)s,
+        reserved_at = now()
+    FROM picked
+    WHERE m.id = picked.id
+    RETURNING m.id, m.attempt, m.redelivered, m.payload, m.priority,
+              m.sequence_key IS NOT NULL AS sequenced
+)
+SELECT (SELECT array_agg(id) FROM acked) AS acked, f.*
+FROM (SELECT 1) AS one
+LEFT JOIN fetched AS f ON true;
+
+-- name: ack_retain_and_fetch
+-- ack_and_fetch when finished rows are retained (retention > 0): they become 'completed'.
+WITH acked AS (
+    UPDATE {schema}.message AS m
+    SET state = 'completed', lease_owner = NULL, finished_at = now()
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
+    WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
+    RETURNING m.id
+), picked AS (
+    SELECT id
+    FROM {schema}.message
+    WHERE state = 'available'
+      AND queue = %(queue)s
+      AND (expires_at IS NULL OR expires_at > now())
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), fetched AS (
+    UPDATE {schema}.message AS m
+    SET state = 'reserved',
+        attempt = m.attempt + 1,
+        lease_owner = %(owner)s,
+        reserved_at = now()
+    FROM picked
+    WHERE m.id = picked.id
+    RETURNING m.id, m.attempt, m.redelivered, m.payload, m.priority,
+              m.sequence_key IS NOT NULL AS sequenced
+)
+SELECT (SELECT array_agg(id) FROM acked) AS acked, f.*
+FROM (SELECT 1) AS one
+LEFT JOIN fetched AS f ON true;
+
 -- name: ack_delete
 -- Finish deliveries by their fencing tokens (id, attempt); stale tokens match nothing.
 -- Index: primary key.

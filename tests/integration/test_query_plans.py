@@ -45,3 +45,26 @@ def test_maintenance_queries_use_their_indexes(db, schema):
     assert "message_reserved_idx" in rescue and "Seq Scan on message" not in rescue
     nxt = _plan(db, q["next_scheduled"], {"queues": ["celery", "other"]})
     assert "message_scheduled_idx" in nxt
+
+
+def test_consumer_fetch_uses_the_index_on_a_never_analyzed_table(dsn, schema):
+    """Stale statistics (the normal state of a queue table) must not turn the fetch into a
+    scan-and-sort of the whole queue: consumer sessions rule out bitmap and seq scans."""
+    from river_broker.options import TransportOptions
+    from river_broker.store import Store
+
+    store = Store(dsn, TransportOptions.from_transport_options({"schema": schema}))
+    try:
+        store.register_consumer()
+        conn = store.conn
+        with conn.cursor() as cur:  # many rows, never analyzed: reltuples = -1
+            cur.executemany(
+                sql.SQL("INSERT INTO {}.message (queue, payload) VALUES ('q', '{{}}')").format(
+                    sql.Identifier(schema)), [()] * 5000)
+        for name in ("ack_and_fetch", "fetch_available"):
+            plan = _plan(conn, queries_for(schema)[name],
+                         {"ids": [], "attempts": [], "queue": "q", "limit": 4, "owner": 1})
+            assert "message_fetch_idx" in plan
+            assert "Bitmap" not in plan and "Seq Scan" not in plan and '"Sort"' not in plan
+    finally:
+        store.close()

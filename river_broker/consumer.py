@@ -53,12 +53,12 @@ class Completer:
             self._urgent = False
             return acks
 
-    def due(self, now: float) -> bool:
+    def due(self, now: float, *, hold_urgent: bool = False) -> bool:
         with self._lock:
             if not self._acks:
                 return False
             return (
-                self._urgent
+                (self._urgent and not hold_urgent)
                 or len(self._acks) >= self.batch_size
                 or self._oldest is None
                 or now - self._oldest >= self.flush_interval
@@ -71,9 +71,9 @@ class Completer:
     def urgent(self) -> bool:
         return self._urgent
 
-    def next_deadline(self) -> float | None:
+    def next_deadline(self, *, hold_urgent: bool = False) -> float | None:
         with self._lock:
-            if self._urgent:
+            if self._urgent and not hold_urgent:
                 return time.monotonic()
             return None if self._oldest is None else self._oldest + self.flush_interval
 
@@ -169,7 +169,7 @@ class Consumer:
             delivered += fetched
             if not fetched or not self.has_ready_work():
                 break
-        if self.completer.due(time.monotonic()):
+        if self.completer.due(time.monotonic(), hold_urgent=self._busy()):
             self.flush_acks()
         return delivered
 
@@ -187,10 +187,27 @@ class Consumer:
         waiting: its ack travels with the fetch at once."""
         room = min(slot.limit(), self.options.fetch_batch_size)
         prefetch = slot.prefetch()
-        if room <= 0 or not prefetch or self.completer.urgent():
+        if room <= 0 or not prefetch:
             return room
         in_hand = prefetch - room
-        return room if in_hand <= 0 or room * 2 >= prefetch else 0
+        if in_hand <= 0 or room * 2 >= prefetch:
+            return room
+        # A finished sequence head goes out at once (its key's next message waits for it)
+        # unless the channel is busy enough that this fetch would be a tiny one anyway.
+        return room if self.completer.urgent() and not self._busy() else 0
+
+    def _busy(self) -> bool:
+        """Every consuming channel still holds at least half its prefetch: finished heads
+        can ride with the next batched refill, moments away, instead of a round trip each."""
+        busy = False
+        for slot in self.slots.values():
+            prefetch = slot.prefetch()
+            if not prefetch:
+                return False
+            if (prefetch - slot.limit()) * 2 < prefetch:
+                return False
+            busy = True
+        return busy
 
     def flush_acks(self) -> None:
         acks = self.completer.take()
@@ -250,7 +267,7 @@ class Consumer:
         times: Iterable[float | None] = (
             self._next_poll,
             self._next_scheduled,
-            self.completer.next_deadline(),
+            self.completer.next_deadline(hold_urgent=self._busy()),
             *self._trailing.values(),
         )
         return min(t for t in times if t is not None)

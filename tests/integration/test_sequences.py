@@ -280,3 +280,18 @@ def test_unsequenced_messages_are_not_delayed_by_a_busy_key(url, topts):
         got = bodies(get_all(conn))
         assert sorted(got) == ["a0", "u0", "u1", "u2", "u3", "u4"]
         assert time.monotonic() - t0 < 30  # sanity bound only: no sleep, no polling involved
+
+
+def test_finished_head_is_written_at_once_when_the_worker_would_wait(url, topts, db, schema):
+    """Batched acks must not slow a hot key: with nothing else in hand, the ack of a head
+    (and the promotion of the next) is due immediately, not after ack_flush_interval."""
+    with connect(url, topts, ack_flush_interval=3600) as conn:
+        put(conn, "a0", key="A")
+        put(conn, "a1", key="A")
+        consumer = conn.transport.consumer
+        (head,) = get_all(conn)
+        head.ack()
+        assert consumer.completer.due(time.monotonic())
+        assert consumer.next_wakeup() <= time.monotonic()
+        consumer.pump()
+        assert count_rows(db, schema, "state = 'available'") == 1  # a1 promoted already

@@ -12,7 +12,7 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from .errors import ConfigurationError, MessageError, RiverBrokerError, SchemaError
 from .options import TransportOptions
-from .sequences import Sequence, SequenceInfo, list_sequences
+from .sequences import Sequence, SequenceInfo, list_sequences, resume_sequence, skip_sequence
 
 __version__ = "0.1.0"
 
@@ -42,4 +42,6 @@ __all__ = [
     "TransportOptions",
     "__version__",
     "list_sequences",
+    "resume_sequence",
+    "skip_sequence",
 ]

@@ -77,17 +77,34 @@ def add_sequence_key(sender: str | None = None, body: Any = None,
 
 
 @signals.worker_init.connect(weak=False, dispatch_uid="river_broker.sequenced_acks_late")
-def require_acks_late(sender: Any = None, **_: Any) -> None:
-    """Sequenced tasks must ack when they finish, not when they start: the ack is what lets
-    the next message of the key run. Force it, and say so loudly where it was off."""
+def require_sequence_settings(sender: Any = None, **_: Any) -> None:
+    """What one-at-a-time needs from the worker, set (and said loudly) at start-up:
+
+    - acks_late: the ack is what lets the next message of the key run; an early ack (when
+      the task starts) would start the next one while this one runs.
+    - reject_on_worker_lost: a pool process killed mid-task must give the message back (it
+      stays the head) instead of acking it as failed and moving the key on.
+    - worker_cancel_long_running_tasks_on_connection_loss: after a lost connection the head
+      is redelivered; the old run must not go on beside the new one.
+    """
     app = getattr(sender, "app", None)
     if app is None:
         return
-    for name, task in app.tasks.items():
-        if getattr(task, "sequence", None) is not None and not task.acks_late:
+    sequenced = [t for t in app.tasks.values() if getattr(t, "sequence", None) is not None]
+    for task in sequenced:
+        if not task.acks_late:
             task.acks_late = True
             logger.warning(
                 "river_broker: task %s has a sequence but acks_late was off; turned it on "
                 "(with early acks the next message of a key would start while this one runs)",
-                name,
+                task.name,
             )
+        if not task.reject_on_worker_lost:
+            task.reject_on_worker_lost = True
+    if sequenced and not app.conf.worker_cancel_long_running_tasks_on_connection_loss:
+        app.conf.worker_cancel_long_running_tasks_on_connection_loss = True
+        logger.warning(
+            "river_broker: worker_cancel_long_running_tasks_on_connection_loss turned on: "
+            "this app has sequenced tasks, and a task whose message is redelivered after a "
+            "lost connection must not keep running beside its redelivery"
+        )

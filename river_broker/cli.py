@@ -67,11 +67,11 @@ def cmd_sequences(args: argparse.Namespace) -> int:
         if not rows:
             print("no sequences" + (f" in state {args.state}" if args.state else ""))
             return 0
-        print(f"{'KEY':<40} {'STATE':<8} {'HEAD':>10} {'AGE':>8} {'PENDING':>8}  TASK")
-        for r in rows:
+        print(f"{'STATE':<8} {'HEAD':>10} {'AGE':>9} {'PENDING':>8}  KEY / HEAD TASK")
+        for r in rows:  # keys are printed whole: they are what resume and skip take
             age = f"{r.head_age:.1f}s" if r.head_age is not None else "-"
-            print(f"{r.key[:40]:<40} {r.state:<8} {r.head_id or '-':>10} {age:>8} "
-                  f"{r.pending:>8}  {r.task_name or ''} {r.task_id or ''}")
+            print(f"{r.state:<8} {r.head_id or '-':>10} {age:>9} {r.pending:>8}  {r.key}")
+            print(f"{'':<40}{r.task_name or ''} {r.task_id or ''}".rstrip())
         return 0
     if not args.key:
         raise RiverBrokerError(f"`sequences {args.action}` needs --key KEY")

@@ -84,6 +84,9 @@ class SequenceInfo:
 
 
 def _store(dsn: str, schema: str) -> Store:
+    """``dsn``: a postgresql:// URL (the broker URL's river+ prefix is accepted too)."""
+    if dsn.startswith("river+"):
+        dsn = dsn[len("river+"):]
     return Store(dsn, TransportOptions.from_transport_options({"schema": schema}))
 
 
@@ -115,3 +118,8 @@ def skip(dsn: str, key: str, *, schema: str = "river_broker") -> bool:
         return store.skip_sequence(key)
     finally:
         store.close()
+
+
+#: Top-level names: ``river_broker.resume_sequence(dsn, key)``.
+resume_sequence = resume
+skip_sequence = skip

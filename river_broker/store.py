@@ -315,7 +315,10 @@ class Store:
         return done
 
     def repair_sequences(self, limit: int = 1000) -> int:
-        """Promote past heads that vanished (purge, queue delete, manual deletes)."""
+        """Promote past heads that vanished (purge, queue delete, manual deletes).
+
+        Joins the caller's transaction when there is one (purge and delete repair in the
+        transaction that removed the heads, so no publish can slip in between)."""
         with self.lock:
             stale = [r[0] for r in self._execute("stale_sequence_heads", {"limit": limit})]
             if stale:
@@ -420,8 +423,10 @@ class Store:
 
     def purge_queue(self, queue: str) -> int:
         with self.lock:
-            purged = self._execute("purge_queue", {"queue": queue}).rowcount
-        self.repair_sequences()
+            conn = self.connect()
+            with conn.transaction():
+                purged = self._execute("purge_queue", {"queue": queue}).rowcount
+                self.repair_sequences()
         return purged
 
     def delete_queue(self, queue: str) -> None:
@@ -430,7 +435,7 @@ class Store:
             with conn.transaction():
                 self._execute("delete_queue_messages", {"queue": queue})
                 self._execute("delete_queue", {"queue": queue})
-        self.repair_sequences()
+                self.repair_sequences()
 
 
 def _token_params(tokens: Sequence[Token]) -> dict[str, Any]:

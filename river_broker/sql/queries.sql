@@ -224,13 +224,15 @@ CROSS JOIN LATERAL (
 ) AS n;
 
 -- name: clean_finished
--- Retained finished rows older than the retention period.
--- Index: message_finished_idx (finished_at).
-DELETE FROM {schema}.message
-WHERE id IN (
-    SELECT id FROM {schema}.message
-    WHERE state IN ('completed', 'discarded')
-      AND finished_at < now() - make_interval(secs => %(retention)s)
+-- Retained finished rows older than the retention period; never the failed head of a halted
+-- sequence (it is what resume re-runs, and what keeps the key blocked).
+-- Index: message_finished_idx (finished_at); sequence_head_idx.
+DELETE FROM {schema}.message AS m
+WHERE m.id IN (
+    SELECT f.id FROM {schema}.message AS f
+    WHERE f.state IN ('completed', 'discarded')
+      AND f.finished_at < now() - make_interval(secs => %(retention)s)
+      AND NOT EXISTS (SELECT 1 FROM {schema}.sequence AS s WHERE s.head_id = f.id)
     LIMIT %(limit)s
 );
 
@@ -296,7 +298,13 @@ WITH seq AS (
     FROM {schema}.message AS m
     WHERE m.id = (SELECT head_id FROM seq)
 ), decided AS (
-    SELECT NOT EXISTS (SELECT 1 FROM head) AS becomes_head,
+    -- Head only when the key has no head row and nothing waiting: a vanished head (purge,
+    -- manual delete) must not let a new message overtake older pending ones; the repair
+    -- (stale_sequence_heads) promotes the oldest instead.
+    SELECT NOT EXISTS (SELECT 1 FROM head)
+           AND NOT EXISTS (SELECT 1 FROM {schema}.message AS p
+                           WHERE p.state = 'pending' AND p.sequence_key = %(sequence_key)s)
+           AS becomes_head,
            CASE WHEN %(task_id)s::text IS NOT NULL
                      AND (SELECT task_id FROM head) = %(task_id)s::text
                 THEN (SELECT position FROM head) END AS takeover_position

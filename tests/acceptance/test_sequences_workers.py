@@ -121,11 +121,41 @@ def test_countdown_head_blocks_its_key_only(start_worker, celery_app, task_log):
     assert eta_starts == [0, 1]
 
 
-def test_worker_turns_on_acks_late_for_sequenced_tasks_and_says_so(start_worker, celery_app):
-    w = start_worker("-P", "solo", env={"RIVER_TEST_ACKS_LATE": "0"})
+def test_worker_turns_on_acks_late_for_sequenced_tasks_and_says_so(start_worker, celery_app,
+                                                                   task_log):
+    from tests.apps.tasks import seq_step
+
+    w = start_worker("-P", "prefork", "-c", "3", env={"RIVER_TEST_ACKS_LATE": "0"})
     log = w.output()
     assert "task tests.apps.tasks.seq_early_ack has a sequence but acks_late was off" in log
     assert "task tests.apps.tasks.seq_step has a sequence but acks_late was off" in log
+    assert "worker_cancel_long_running_tasks_on_connection_loss turned on" in log
+    # ... and the guarantee holds although the app asked for early acks.
+    for n in range(4):
+        seq_step.delay("cus_early", n, 0.2)
+    wait_for(lambda: len(task_log.events("done")) >= 4, 30, "four sequenced tasks")
+    assert_one_at_a_time_in_order(task_log, ["cus_early"], 4)
+
+
+def test_killed_pool_process_gives_the_head_back(start_worker, celery_app, task_log, db,
+                                                 schema):
+    """SIGKILL of one prefork child (not the whole worker): Celery's WorkerLostError path
+    must requeue the head, not ack it and move the key on."""
+    import os
+    import signal
+
+    from tests.apps.tasks import seq_step
+
+    # The app itself has acks_late and reject_on_worker_lost off: the integration turns both
+    # on for sequenced tasks.
+    start_worker("-P", "prefork", "-c", "2", env={"RIVER_TEST_ACKS_LATE": "0"})
+    seq_step.delay("cus_pool", 0, 3.0)
+    seq_step.delay("cus_pool", 1)
+    first = wait_for(lambda: task_log.events("start"), 15, "the head to start")[0]
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_for(lambda: len(task_log.events("done")) >= 2, 40, "the key to finish")
+    assert [e["n"] for e in task_log.events("start")] == [0, 0, 1]
+    assert [e["n"] for e in task_log.events("done")] == [0, 1]
 
 
 def test_key_from_a_subset_of_arguments_and_explicit_header(celery_app, db, schema):

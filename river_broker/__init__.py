@@ -10,9 +10,11 @@ import contextlib
 
 from kombu.transport import TRANSPORT_ALIASES
 
+from .enqueue import EnqueueResult, enqueue, enqueue_many
 from .errors import ConfigurationError, MessageError, RiverBrokerError, SchemaError
 from .options import TransportOptions
 from .sequences import Sequence, SequenceInfo, list_sequences, resume_sequence, skip_sequence
+from .unique import Unique, duplicates_total
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,7 @@ def __getattr__(name: str):  # the transport imports psycopg: load it on first u
 
 __all__ = [
     "ConfigurationError",
+    "EnqueueResult",
     "MessageError",
     "RiverBrokerError",
     "SchemaError",
@@ -40,7 +43,11 @@ __all__ = [
     "SequenceInfo",
     "Transport",
     "TransportOptions",
+    "Unique",
     "__version__",
+    "duplicates_total",
+    "enqueue",
+    "enqueue_many",
     "list_sequences",
     "resume_sequence",
     "skip_sequence",

@@ -15,8 +15,17 @@ from celery import signals
 from celery._state import _get_active_apps, get_current_app
 
 from .errors import ConfigurationError, MessageError
-from .message import CONTINUE_ON_DISCARD_HEADER, KEY_ERROR, SEQUENCE_KEY_HEADER
+from .message import (
+    CONTINUE_ON_DISCARD_HEADER,
+    KEY_ERROR,
+    SEQUENCE_KEY_HEADER,
+    UNIQUE_KEY_HEADER,
+    UNIQUE_STATES_HEADER,
+    UNIQUE_UNTIL_HEADER,
+    parse_eta,
+)
 from .sequences import Sequence
+from .unique import Unique
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +83,35 @@ def add_sequence_key(sender: str | None = None, body: Any = None,
             headers[SEQUENCE_KEY_HEADER] = {KEY_ERROR: str(exc)}
     if option.continue_on_discard:
         headers.setdefault(CONTINUE_ON_DISCARD_HEADER, True)
+
+
+@signals.before_task_publish.connect(weak=False, dispatch_uid="river_broker.unique_key")
+def add_unique_key(sender: str | None = None, body: Any = None,
+                   headers: dict[str, Any] | None = None, routing_key: str | None = None,
+                   **_: Any) -> None:
+    """Write the task's unique key, states and period end into the headers (an explicit
+    ``unique_key`` header wins)."""
+    if headers is None or sender is None or headers.get(UNIQUE_KEY_HEADER) is not None:
+        return
+    task = _find_task(sender)
+    option = getattr(task, "unique", None) if task is not None else None
+    if option is None:
+        return
+    if not isinstance(option, Unique):
+        raise ConfigurationError(
+            f"task {sender!r}: the unique option must be a river_broker.Unique, got {option!r}"
+        )
+    args, kwargs = _call_arguments(body)
+    try:
+        key, states, until = option.key_for(task, args, kwargs, queue=routing_key,
+                                            eta=parse_eta(headers.get("eta")))
+    except MessageError as exc:  # raised from publish() by the transport (see above)
+        headers[UNIQUE_KEY_HEADER] = {KEY_ERROR: str(exc)}
+        return
+    headers[UNIQUE_KEY_HEADER] = key
+    headers[UNIQUE_STATES_HEADER] = states
+    if until is not None:
+        headers[UNIQUE_UNTIL_HEADER] = until.isoformat()
 
 
 @signals.worker_init.connect(weak=False, dispatch_uid="river_broker.sequenced_acks_late")

@@ -22,6 +22,17 @@ MAX_PRIORITY = 9
 #: Header names river_broker reads (Celery keeps custom headers through retry()).
 SEQUENCE_KEY_HEADER = "sequence_key"
 CONTINUE_ON_DISCARD_HEADER = "sequence_continue_on_discard"
+UNIQUE_KEY_HEADER = "unique_key"
+UNIQUE_STATES_HEADER = "unique_states"
+UNIQUE_UNTIL_HEADER = "unique_until"
+
+#: The bit of each state in a row's unique_states (river_broker.state_bit() in SQL).
+STATE_BITS = {"available": 1, "scheduled": 2, "pending": 4, "reserved": 8, "completed": 16,
+              "discarded": 32}
+#: Unique while not finished: waiting (available, scheduled, pending in a sequence) or running.
+DEFAULT_UNIQUE_STATES = ("available", "scheduled", "pending", "reserved")
+FINISHED_STATES = ("completed", "discarded")
+
 #: A header value standing for a key that could not be computed (carries the reason).
 KEY_ERROR = "river_broker_key_error"
 #: Longest sequence key accepted (bytes of UTF-8); computed keys longer than this are hashed.
@@ -44,6 +55,9 @@ class OutgoingRow:
     payload: str
     sequence_key: str | None = None
     continue_on_discard: bool = False
+    unique_key: str | None = None
+    unique_states: int | None = None
+    unique_until: datetime | None = None
 
     def params(self) -> dict[str, Any]:
         return {
@@ -56,6 +70,9 @@ class OutgoingRow:
             "payload": self.payload,
             "sequence_key": self.sequence_key,
             "continue_on_discard": self.continue_on_discard,
+            "unique_key": self.unique_key,
+            "unique_states": self.unique_states,
+            "unique_until": self.unique_until,
         }
 
 
@@ -63,6 +80,19 @@ def to_row(queue: str, message: dict[str, Any]) -> OutgoingRow:
     headers = message.get("headers") or {}
     properties = message.get("properties") or {}
     sequence_key = sequence_key_of(headers.get(SEQUENCE_KEY_HEADER))
+    unique_key = key_header(UNIQUE_KEY_HEADER, headers.get(UNIQUE_KEY_HEADER))
+    unique_states = unique_until = None
+    if unique_key is not None:
+        names = headers.get(UNIQUE_STATES_HEADER)
+        unique_states = states_bitmask(DEFAULT_UNIQUE_STATES if names is None else names)
+        unique_until = parse_time(UNIQUE_UNTIL_HEADER, headers.get(UNIQUE_UNTIL_HEADER))
+        if unique_states & (STATE_BITS["completed"] | STATE_BITS["discarded"]) and \
+                unique_until is None:
+            raise MessageError(
+                f"unique key {unique_key!r}: unique states {list(FINISHED_STATES)} keep "
+                f"finished rows, so they need an end: set header {UNIQUE_UNTIL_HEADER!r} "
+                "(the Celery option: Unique(by_period=...))"
+            )
     return OutgoingRow(
         queue=queue,
         priority=priority_of(properties.get("priority")),
@@ -76,29 +106,73 @@ def to_row(queue: str, message: dict[str, Any]) -> OutgoingRow:
         sequence_key=sequence_key,
         continue_on_discard=flag_of(CONTINUE_ON_DISCARD_HEADER,
                                     headers.get(CONTINUE_ON_DISCARD_HEADER)),
+        unique_key=unique_key,
+        unique_states=unique_states,
+        unique_until=unique_until,
     )
 
 
-def sequence_key_of(value: Any) -> str | None:
-    """The ``sequence_key`` header: absent, or a non-empty string of bounded length."""
+def states_bitmask(names: Any) -> int:
+    """Unique states by name -> the row's unique_states bitmask; unknown names are an error."""
+    if isinstance(names, str) or not hasattr(names, "__iter__"):
+        raise MessageError(f"unique states must be a list of state names, got {names!r}")
+    mask = 0
+    for name in names:
+        if name not in STATE_BITS:
+            raise MessageError(
+                f"unknown unique state {name!r}; states are: {', '.join(STATE_BITS)}"
+            )
+        mask |= STATE_BITS[name]
+    problem = unique_states_problem(mask)
+    if problem:
+        raise MessageError(problem)
+    return mask
+
+
+WAITING_BITS = STATE_BITS["available"] | STATE_BITS["scheduled"] | STATE_BITS["pending"]
+
+
+def unique_states_problem(mask: int) -> str | None:
+    """Why a set of unique states cannot be enforced, or None.
+
+    A message moves between waiting states (pending -> available, scheduled -> available)
+    without ever re-checking its key, so all of them must hold it. Leaving ``reserved`` out
+    ("at most one waiting") is fine: a message coming back from reserved gives up its key if a
+    newer one took it meanwhile. Finished states only make sense on top of ``reserved``.
+    """
+    if mask & WAITING_BITS != WAITING_BITS:
+        return ("unique states must include every waiting state (available, scheduled, "
+                "pending): a message moves between them without re-checking its key")
+    if mask & (STATE_BITS["completed"] | STATE_BITS["discarded"]) and \
+            not mask & STATE_BITS["reserved"]:
+        return "unique states with 'completed' or 'discarded' must include 'reserved' too"
+    return None
+
+
+def key_header(name: str, value: Any) -> str | None:
+    """A key header: absent, or a non-empty string of at most MAX_KEY_BYTES bytes."""
     if value is None:
         return None
     if isinstance(value, dict) and KEY_ERROR in value:
         raise MessageError(str(value[KEY_ERROR]))
     if not isinstance(value, str):
         raise MessageError(
-            f"header {SEQUENCE_KEY_HEADER!r} must be a string, got {type(value).__name__} "
-            f"{value!r}"
+            f"header {name!r} must be a string, got {type(value).__name__} {value!r}"
         )
     if not value:
-        raise MessageError(f"header {SEQUENCE_KEY_HEADER!r} must not be empty")
+        raise MessageError(f"header {name!r} must not be empty")
     size = len(value.encode("utf-8"))
     if size > MAX_KEY_BYTES:
         raise MessageError(
-            f"header {SEQUENCE_KEY_HEADER!r} is {size} bytes, longer than the {MAX_KEY_BYTES} "
-            f"allowed: {value[:40]!r}..."
+            f"header {name!r} is {size} bytes, longer than the {MAX_KEY_BYTES} allowed: "
+            f"{value[:40]!r}..."
         )
     return value
+
+
+def sequence_key_of(value: Any) -> str | None:
+    """The ``sequence_key`` header: absent, or a non-empty string of bounded length."""
+    return key_header(SEQUENCE_KEY_HEADER, value)
 
 
 def flag_of(name: str, value: Any) -> bool:
@@ -148,6 +222,11 @@ def priority_of(value: Any) -> int:
 
 def parse_eta(value: Any) -> datetime | None:
     """Celery's ``eta`` header (ISO 8601). A naive time is taken as UTC."""
+    return parse_time("eta", value)
+
+
+def parse_time(name: str, value: Any) -> datetime | None:
+    """An ISO 8601 time header. A naive time is taken as UTC."""
     if value is None or value == "":
         return None
     if isinstance(value, datetime):
@@ -158,9 +237,11 @@ def parse_eta(value: Any) -> datetime | None:
         try:
             eta = datetime.fromisoformat(text)
         except ValueError:
-            raise MessageError(f"header 'eta' is not an ISO 8601 time: {value!r}") from None
+            raise MessageError(f"header {name!r} is not an ISO 8601 time: {value!r}") from None
     else:
-        raise MessageError(f"header 'eta' must be an ISO 8601 string, got {type(value).__name__}")
+        raise MessageError(
+            f"header {name!r} must be an ISO 8601 string, got {type(value).__name__}"
+        )
     if eta.tzinfo is None:
         eta = eta.replace(tzinfo=timezone.utc)
     return eta

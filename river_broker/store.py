@@ -34,6 +34,18 @@ Token = tuple[int, int, bool]
 
 
 @dataclass(frozen=True)
+class InsertResult:
+    """What a publish did: the new row, or the task id already holding its unique key."""
+
+    id: int | None
+    duplicate_of: str | None = None
+
+    @property
+    def inserted(self) -> bool:
+        return self.id is not None
+
+
+@dataclass(frozen=True)
 class LeasedRow:
     id: int
     attempt: int
@@ -117,12 +129,25 @@ class Store:
     def _execute(self, name: str, params: dict[str, Any]) -> psycopg.Cursor:
         conn = self.connect()
         try:
+            if name in _GIVE_UP_KEY and not conn.info.transaction_status:
+                return self._execute_giving_up_key(conn, name, params)
             return conn.execute(self.q[name], params)
         except psycopg.errors.UndefinedTable as exc:
             raise SchemaError(
                 f"river_broker schema {self.options.schema!r} is missing in "
                 f"{describe(self.conninfo)} (was it dropped?): run `river-broker migrate`"
             ) from exc
+
+    def _execute_giving_up_key(self, conn: psycopg.Connection, name: str,
+                               params: dict[str, Any]) -> psycopg.Cursor:
+        """Statements that put messages back into a waiting state give a unique key up when a
+        newer message holds it; if that newer message commits during the statement, the
+        index refuses it once: run it again, and it gives the key up."""
+        try:
+            return conn.execute(self.q[name], params)
+        except psycopg.errors.UniqueViolation:
+            logger.info("river_broker: %s met a unique key taken meanwhile; retrying", name)
+            return conn.execute(self.q[name], params)
 
     # -- notifications ---------------------------------------------------------------------
 
@@ -179,7 +204,7 @@ class Store:
         self._last_notify[queue] = now
         return True
 
-    def insert(self, row: OutgoingRow) -> int:
+    def insert(self, row: OutgoingRow) -> InsertResult:
         params = row.params()
         params["notify"] = self._should_notify(row.queue)
         params["channel"] = self.options.notify_channel
@@ -195,10 +220,28 @@ class Store:
                     result = cur.fetchone()
                 else:
                     result = self._execute("insert_message", params).fetchone()
+                return self._insert_result(result, row)
             except (psycopg.errors.DataError, psycopg.errors.CheckViolation) as exc:
                 raise MessageError(f"message for queue {row.queue!r} rejected: {exc}") from None
-        assert result is not None
-        return int(result[0])
+
+    def _insert_result(self, result: Any, row: OutgoingRow,
+                       conn: psycopg.Connection | None = None) -> InsertResult:
+        if result is not None and result[0] is not None:
+            return InsertResult(int(result[0]))
+        if result is not None and result[3] is not None:
+            return InsertResult(None, result[3])
+        # The holder committed after this statement's snapshot: look again.
+        holder = self._holder(row.unique_key, conn)
+        return InsertResult(None, holder)
+
+    def _holder(self, unique_key: str | None, conn: psycopg.Connection | None) -> str | None:
+        if unique_key is None:
+            return None
+        params = {"unique_key": unique_key}
+        cur = conn.execute(self.q["find_unique_holder"], params) if conn is not None else \
+            self._execute("find_unique_holder", params)
+        row = cur.fetchone()
+        return row[0] if row else None
 
     def _insert_sequenced(self, params: dict[str, Any]) -> Any:
         """Lock the key's row, then insert as head or pending: one round trip, one commit."""
@@ -208,6 +251,58 @@ class Store:
             self._execute("upsert_sequence", params)
             cur = self._execute("insert_sequenced_message", params)
         return cur.fetchone()
+
+    def insert_many(self, rows: Sequence[OutgoingRow],
+                    conn: psycopg.Connection | None = None) -> list[InsertResult]:
+        """Publish many messages in one transaction and (in pipeline mode) one round trip.
+
+        With ``conn`` (the caller's own psycopg connection) the rows are written in the
+        caller's transaction: they exist, and consumers are woken, only when it commits.
+        Every row needs a task id (the batch's results are matched by it).
+        """
+        channel = self.options.notify_channel
+        plain = [r for r in rows if r.sequence_key is None]
+        sequenced = [r for r in rows if r.sequence_key is not None]
+        with self.lock:
+            own = conn is None
+            target = self.connect() if own else conn
+            assert target is not None
+            try:
+                with contextlib.ExitStack() as stack:
+                    if own:
+                        stack.enter_context(target.pipeline())
+                        stack.enter_context(target.transaction())
+                        self._durable(target)
+                    batch_cur = None
+                    if plain:
+                        batch_cur = target.execute(self.q["insert_messages"],
+                                                   _batch_params(plain, channel))
+                    seq_curs = []
+                    for row in sequenced:
+                        params = {**row.params(), "notify": True, "channel": channel}
+                        target.execute(self.q["upsert_sequence"], params)
+                        seq_curs.append(target.execute(self.q["insert_sequenced_message"],
+                                                       params))
+                inserted = {r[0]: int(r[1]) for r in batch_cur.fetchall()} if batch_cur else {}
+                seq_results = [cur.fetchone() for cur in seq_curs]
+            except (psycopg.errors.DataError, psycopg.errors.CheckViolation) as exc:
+                raise MessageError(f"batch rejected: {exc}") from None
+            results: list[InsertResult] = []
+            seq_iter = iter(seq_results)
+            winners: dict[str, str] = {}  # unique key -> task id that took it in this batch
+            for row in rows:
+                if row.sequence_key is not None:
+                    result = self._insert_result(next(seq_iter), row, target)
+                elif row.task_id in inserted:
+                    result = InsertResult(inserted.pop(row.task_id))
+                else:
+                    holder = winners.get(row.unique_key or "") or self._holder(row.unique_key,
+                                                                              target)
+                    result = InsertResult(None, holder)
+                if result.inserted and row.unique_key is not None:
+                    winners.setdefault(row.unique_key, row.task_id or "")
+                results.append(result)
+        return results
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -370,6 +465,7 @@ class Store:
         removed = 0
         with self.lock:
             removed += self._execute("clean_expired", {"limit": limit}).rowcount
+            removed += self._execute("clean_unique_finished", {"limit": limit}).rowcount
             if self.options.retention > 0:
                 removed += self._execute(
                     "clean_finished", {"retention": self.options.retention, "limit": limit}
@@ -436,6 +532,26 @@ class Store:
                 self._execute("delete_queue_messages", {"queue": queue})
                 self._execute("delete_queue", {"queue": queue})
                 self.repair_sequences()
+
+
+#: Statements that can move a message back into a unique state (see _execute_giving_up_key).
+_GIVE_UP_KEY = frozenset({"requeue", "rescue_orphaned_leases"})
+
+
+def _batch_params(rows: Sequence[OutgoingRow], channel: str) -> dict[str, Any]:
+    return {
+        "queues": [r.queue for r in rows],
+        "priorities": [r.priority for r in rows],
+        "run_ats": [r.run_at for r in rows],
+        "ttls": [r.ttl_seconds for r in rows],
+        "task_ids": [r.task_id for r in rows],
+        "task_names": [r.task_name for r in rows],
+        "payloads": [r.payload for r in rows],
+        "unique_keys": [r.unique_key for r in rows],
+        "unique_statess": [r.unique_states for r in rows],
+        "unique_untils": [r.unique_until for r in rows],
+        "channel": channel,
+    }
 
 
 def _token_params(tokens: Sequence[Token]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from .errors import ConfigurationError, SchemaError
 from .message import from_row, parse_delivery_tag, to_row
 from .options import TransportOptions
 from .store import LeasedRow, Store, Token
+from .unique import record_duplicate
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,14 @@ class Channel(virtual.Channel):
     # -- publishing ------------------------------------------------------------------------
 
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
-        self.store.insert(to_row(queue, message))
+        row = to_row(queue, message)
+        collecting = self.connection.collecting
+        if collecting is not None:  # river_broker.enqueue_many: written later, in one batch
+            collecting.append(row)
+            return
+        result = self.store.insert(row)
+        if not result.inserted:
+            record_duplicate(row, result.duplicate_of)
 
     # -- consuming -------------------------------------------------------------------------
 
@@ -191,6 +199,8 @@ class Transport(virtual.Transport):
         self._closed = False
         self._wake_r: int | None = None
         self._wake_w: int | None = None
+        #: Set by river_broker.enqueue_many: publishes are collected here, not inserted.
+        self.collecting: list[Any] | None = None
 
     # -- connection ------------------------------------------------------------------------
 

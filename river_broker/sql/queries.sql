@@ -3,13 +3,25 @@
 -- Each query names the index that serves it.
 
 -- name: insert_message
--- Publish one message, durable when the statement returns (autocommit).
--- A row due later is 'scheduled'. The NOTIFY is sent in the same transaction
--- (only when asked: publishers throttle their notifications per queue).
-WITH inserted AS (
+-- Publish one message, durable when the statement returns (autocommit on a publishing session).
+-- A row due later is 'scheduled'. With a unique_key, a row holding the key in one of its
+-- unique states makes this a duplicate: nothing is inserted and the holder's task id is
+-- returned (duplicate_of). A retry (same task id) of a running unique message first releases
+-- the key from the running row. The NOTIFY is sent in the same transaction (only when asked:
+-- publishers throttle their notifications per queue).
+-- Index: message_unique_idx (release, conflict, holder).
+WITH released AS (
+    UPDATE {schema}.message AS m
+    SET unique_key = NULL
+    WHERE m.unique_key = %(unique_key)s::text AND m.task_id = %(task_id)s::text
+      AND m.state = 'reserved'
+      AND m.unique_states IS NOT NULL AND (m.unique_states & {schema}.state_bit(m.state)) <> 0
+    RETURNING m.id
+), inserted AS (
     INSERT INTO {schema}.message
-        (queue, state, priority, run_at, expires_at, task_id, task_name, payload)
-    VALUES (
+        (queue, state, priority, run_at, expires_at, task_id, task_name, payload,
+         unique_key, unique_states, unique_until)
+    SELECT
         %(queue)s,
         CASE WHEN %(run_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
         %(priority)s,
@@ -18,8 +30,12 @@ WITH inserted AS (
              ELSE now() + make_interval(secs => %(ttl)s::float8) END,
         %(task_id)s,
         %(task_name)s,
-        %(payload)s
-    )
+        %(payload)s,
+        %(unique_key)s,
+        %(unique_states)s,
+        %(unique_until)s
+    FROM (SELECT count(*) FROM released) AS after_release
+    ON CONFLICT DO NOTHING
     RETURNING id, state, run_at
 )
 SELECT id, state,
@@ -27,8 +43,62 @@ SELECT id, state,
             THEN pg_notify(%(channel)s, CASE WHEN state = 'scheduled'
                                              THEN 's' || extract(epoch FROM run_at)::text || ' '
                                              ELSE 'a' END || %(queue)s)
-       END
-FROM inserted;
+       END,
+       NULL::text AS duplicate_of
+FROM inserted
+UNION ALL
+SELECT NULL, NULL, NULL, h.task_id
+FROM {schema}.message AS h
+WHERE NOT EXISTS (SELECT 1 FROM inserted)
+  AND h.unique_key = %(unique_key)s::text
+  AND h.unique_states IS NOT NULL AND (h.unique_states & {schema}.state_bit(h.state)) <> 0;
+
+-- name: find_unique_holder
+-- The task id holding a unique key (after a conflict with a row committed meanwhile).
+-- Index: message_unique_idx.
+SELECT h.task_id
+FROM {schema}.message AS h
+WHERE h.unique_key = %(unique_key)s::text
+  AND h.unique_states IS NOT NULL AND (h.unique_states & {schema}.state_bit(h.state)) <> 0;
+
+-- name: insert_messages
+-- Batch publish in one statement: one row per array element, uniqueness per row (a duplicate
+-- inside the batch included: ON CONFLICT sees the rows this statement inserted). Returns the
+-- inserted rows by task id; the caller maps them back and looks up the holders of the rest.
+-- One NOTIFY per queue that received ready messages.
+-- Index: message_unique_idx (conflicts).
+WITH input AS (
+    SELECT *
+    FROM unnest(%(queues)s::text[], %(priorities)s::smallint[], %(run_ats)s::timestamptz[],
+                %(ttls)s::float8[], %(task_ids)s::text[], %(task_names)s::text[],
+                %(payloads)s::text[], %(unique_keys)s::text[], %(unique_statess)s::smallint[],
+                %(unique_untils)s::timestamptz[])
+         WITH ORDINALITY
+         AS t(queue, priority, run_at, ttl, task_id, task_name, payload, unique_key,
+              unique_states, unique_until, ord)
+), inserted AS (
+    INSERT INTO {schema}.message
+        (queue, state, priority, run_at, expires_at, task_id, task_name, payload,
+         unique_key, unique_states, unique_until)
+    SELECT queue,
+           CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END,
+           priority,
+           coalesce(run_at, now()),
+           CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
+           task_id, task_name, payload, unique_key, unique_states, unique_until
+    FROM input
+    ORDER BY ord
+    ON CONFLICT DO NOTHING
+    RETURNING id, task_id, state, queue, run_at
+), woken AS (
+    SELECT pg_notify(%(channel)s, 'a' || q.queue)
+    FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'available') AS q
+), scheduled AS (
+    SELECT pg_notify(%(channel)s, 's' || extract(epoch FROM min(run_at))::text || ' ' || queue)
+    FROM inserted WHERE state = 'scheduled' GROUP BY queue
+)
+SELECT i.task_id, i.id, (SELECT count(*) FROM woken) + (SELECT count(*) FROM scheduled)
+FROM inserted AS i;
 
 -- name: fetch_available
 -- Lease up to %(limit)s ready messages of one queue to consumer %(owner)s.
@@ -59,11 +129,22 @@ RETURNING m.id, m.attempt, m.redelivered, m.payload, m.priority,
 -- messages of one queue to consumer %(owner)s. The first column lists the ids whose ack
 -- applied (the same on every row); with nothing fetched, one row carries it alone.
 -- Index: primary key (acks); message_fetch_idx (fetch).
-WITH acked AS (
+WITH deleted AS (
     DELETE FROM {schema}.message AS m
     USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
     WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
+      AND coalesce(m.unique_states & 16, 0) = 0
     RETURNING m.id
+), kept AS (
+    -- Unique also while 'completed' (until unique_until): the row stays, as completed.
+    UPDATE {schema}.message AS m
+    SET state = 'completed', lease_owner = NULL, finished_at = now()
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
+    WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
+      AND coalesce(m.unique_states & 16, 0) <> 0
+    RETURNING m.id
+), acked AS (
+    SELECT id FROM deleted UNION ALL SELECT id FROM kept
 ), picked AS (
     SELECT id
     FROM {schema}.message
@@ -121,12 +202,24 @@ FROM (SELECT 1) AS one
 LEFT JOIN fetched AS f ON true;
 
 -- name: ack_delete
--- Finish deliveries by their fencing tokens (id, attempt); stale tokens match nothing.
+-- Finish deliveries by their fencing tokens (id, attempt); stale tokens match nothing. Rows
+-- unique while 'completed' are kept as completed (until unique_until).
 -- Index: primary key.
-DELETE FROM {schema}.message AS m
-USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
-WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-RETURNING m.id;
+WITH deleted AS (
+    DELETE FROM {schema}.message AS m
+    USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
+    WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
+      AND coalesce(m.unique_states & 16, 0) = 0
+    RETURNING m.id
+), kept AS (
+    UPDATE {schema}.message AS m
+    SET state = 'completed', lease_owner = NULL, finished_at = now()
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
+    WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
+      AND coalesce(m.unique_states & 16, 0) <> 0
+    RETURNING m.id
+)
+SELECT id FROM deleted UNION ALL SELECT id FROM kept;
 
 -- name: ack_retain
 -- Same as ack_delete, keeping the row as 'completed' (retention > 0).
@@ -137,11 +230,23 @@ WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
 RETURNING m.id;
 
 -- name: discard_delete
--- reject(requeue=False): the delivery is dropped.
-DELETE FROM {schema}.message AS m
-USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
-WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-RETURNING m.id;
+-- reject(requeue=False): the delivery is dropped (kept as 'discarded' when its key is unique
+-- while discarded, until unique_until).
+WITH deleted AS (
+    DELETE FROM {schema}.message AS m
+    USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
+    WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
+      AND coalesce(m.unique_states & 32, 0) = 0
+    RETURNING m.id
+), kept AS (
+    UPDATE {schema}.message AS m
+    SET state = 'discarded', lease_owner = NULL, finished_at = now()
+    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
+    WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
+      AND coalesce(m.unique_states & 32, 0) <> 0
+    RETURNING m.id
+)
+SELECT id FROM deleted UNION ALL SELECT id FROM kept;
 
 -- name: discard_retain
 UPDATE {schema}.message AS m
@@ -155,7 +260,15 @@ RETURNING m.id;
 -- (it keeps its id, hence its place at the head), marked redelivered; consumers are woken.
 WITH requeued AS (
     UPDATE {schema}.message AS m
-    SET state = 'available', lease_owner = NULL, reserved_at = NULL, redelivered = true
+    SET state = 'available', lease_owner = NULL, reserved_at = NULL, redelivered = true,
+        -- Back into a waiting state: if a newer message took the key meanwhile (possible
+        -- when 'reserved' is not a unique state), this one gives the key up.
+        unique_key = CASE WHEN m.unique_key IS NOT NULL AND EXISTS (
+                         SELECT 1 FROM {schema}.message AS h
+                         WHERE h.unique_key = m.unique_key AND h.id <> m.id
+                           AND h.unique_states IS NOT NULL
+                           AND (h.unique_states & {schema}.state_bit(h.state)) <> 0)
+                     THEN NULL ELSE m.unique_key END
     FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
     WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
     RETURNING m.id, m.queue
@@ -181,7 +294,13 @@ WITH owners AS (
     SELECT owner FROM owners WHERE pg_try_advisory_xact_lock(%(ns)s, owner)
 ), rescued AS (
     UPDATE {schema}.message AS m
-    SET state = 'available', lease_owner = NULL, reserved_at = NULL, redelivered = true
+    SET state = 'available', lease_owner = NULL, reserved_at = NULL, redelivered = true,
+        unique_key = CASE WHEN m.unique_key IS NOT NULL AND EXISTS (
+                         SELECT 1 FROM {schema}.message AS h
+                         WHERE h.unique_key = m.unique_key AND h.id <> m.id
+                           AND h.unique_states IS NOT NULL
+                           AND (h.unique_states & {schema}.state_bit(h.state)) <> 0)
+                     THEN NULL ELSE m.unique_key END
     FROM dead
     WHERE m.state = 'reserved' AND m.lease_owner = dead.owner
     RETURNING m.id, m.queue
@@ -232,6 +351,19 @@ WHERE m.id IN (
     SELECT f.id FROM {schema}.message AS f
     WHERE f.state IN ('completed', 'discarded')
       AND f.finished_at < now() - make_interval(secs => %(retention)s)
+      AND (f.unique_until IS NULL OR f.unique_until < now())
+      AND NOT EXISTS (SELECT 1 FROM {schema}.sequence AS s WHERE s.head_id = f.id)
+    LIMIT %(limit)s
+);
+
+-- name: clean_unique_finished
+-- Finished rows kept for uniqueness, once their period is over (whatever retention says).
+-- Index: message_unique_until_idx.
+DELETE FROM {schema}.message AS m
+WHERE m.id IN (
+    SELECT f.id FROM {schema}.message AS f
+    WHERE f.unique_until IS NOT NULL AND f.unique_until < now()
+      AND f.state IN ('completed', 'discarded')
       AND NOT EXISTS (SELECT 1 FROM {schema}.sequence AS s WHERE s.head_id = f.id)
     LIMIT %(limit)s
 );
@@ -291,7 +423,14 @@ ON CONFLICT (key) DO UPDATE SET updated_at = now();
 -- The message becomes the head when the key has none (or its head row is gone), otherwise it
 -- waits as 'pending'. A retry of the running head (same task id) takes over the head's
 -- position. The head is written back to the key in the same statement.
-WITH seq AS (
+WITH released AS (
+    UPDATE {schema}.message AS m
+    SET unique_key = NULL
+    WHERE m.unique_key = %(unique_key)s::text AND m.task_id = %(task_id)s::text
+      AND m.state = 'reserved'
+      AND m.unique_states IS NOT NULL AND (m.unique_states & {schema}.state_bit(m.state)) <> 0
+    RETURNING m.id
+), seq AS (
     SELECT s.head_id FROM {schema}.sequence AS s WHERE s.key = %(sequence_key)s
 ), head AS (
     SELECT m.id, m.task_id, coalesce(m.seq_order, m.id) AS position
@@ -311,7 +450,7 @@ WITH seq AS (
 ), inserted AS (
     INSERT INTO {schema}.message
         (queue, state, priority, run_at, task_id, task_name, payload, sequence_key, seq_order,
-         continue_on_discard)
+         continue_on_discard, unique_key, unique_states, unique_until)
     SELECT %(queue)s,
            CASE WHEN NOT d.becomes_head THEN 'pending'
                 WHEN %(run_at)s::timestamptz > now() THEN 'scheduled'
@@ -323,22 +462,38 @@ WITH seq AS (
            %(payload)s,
            %(sequence_key)s,
            d.takeover_position,
-           %(continue_on_discard)s
-    FROM decided AS d
+           %(continue_on_discard)s,
+           %(unique_key)s,
+           %(unique_states)s,
+           %(unique_until)s
+    FROM decided AS d, (SELECT count(*) FROM released) AS after_release
+    ON CONFLICT DO NOTHING
     RETURNING id, state, run_at
 ), set_head AS (
     UPDATE {schema}.sequence AS s
     SET head_id = i.id, updated_at = now()
     FROM inserted AS i, decided AS d
     WHERE s.key = %(sequence_key)s AND d.becomes_head
+), dropped_empty AS (
+    -- A duplicate refused on a key that this publish created: do not leave it behind.
+    DELETE FROM {schema}.sequence AS s
+    WHERE s.key = %(sequence_key)s AND s.head_id IS NULL
+      AND NOT EXISTS (SELECT 1 FROM inserted)
 )
 SELECT id, state,
        CASE WHEN state <> 'pending' THEN
             pg_notify(%(channel)s, CASE WHEN state = 'scheduled'
                                         THEN 's' || extract(epoch FROM run_at)::text || ' '
                                         ELSE 'a' END || %(queue)s)
-       END
-FROM inserted;
+       END,
+       NULL::text AS duplicate_of
+FROM inserted
+UNION ALL
+SELECT NULL, NULL, NULL, h.task_id
+FROM {schema}.message AS h
+WHERE NOT EXISTS (SELECT 1 FROM inserted)
+  AND h.unique_key = %(unique_key)s::text
+  AND h.unique_states IS NOT NULL AND (h.unique_states & {schema}.state_bit(h.state)) <> 0;
 
 -- name: lock_sequences_of_heads
 -- Before promoting: lock the keys whose head is one of these messages, in key order (no
@@ -451,7 +606,13 @@ SELECT key, state, head_id FROM {schema}.sequence WHERE key = %(key)s FOR UPDATE
 WITH head AS (
     UPDATE {schema}.message AS m
     SET state = CASE WHEN m.run_at > now() THEN 'scheduled' ELSE 'available' END,
-        finished_at = NULL, redelivered = true
+        finished_at = NULL, redelivered = true,
+        unique_key = CASE WHEN m.unique_key IS NOT NULL AND EXISTS (
+                         SELECT 1 FROM {schema}.message AS h
+                         WHERE h.unique_key = m.unique_key AND h.id <> m.id
+                           AND h.unique_states IS NOT NULL
+                           AND (h.unique_states & {schema}.state_bit(h.state)) <> 0)
+                     THEN NULL ELSE m.unique_key END
     FROM {schema}.sequence AS s
     WHERE s.key = %(key)s AND s.state = 'halted' AND m.id = s.head_id AND m.state = 'discarded'
     RETURNING m.id, m.queue

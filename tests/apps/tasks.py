@@ -14,7 +14,7 @@ import time
 from celery import Celery
 
 import river_broker  # noqa: F401  (registers the river+ URL scheme)
-from river_broker import Sequence
+from river_broker import Sequence, Unique
 
 app = Celery("river_tests")
 app.conf.update(
@@ -110,3 +110,33 @@ def seq_early_ack(customer: str) -> None:
 @app.task(sequence=Sequence(by_args=["account"]))
 def seq_wrong_arg(customer: str) -> None:
     """Misconfigured on purpose: publishing it must fail with a clear error."""
+
+
+# -- unique tasks -----------------------------------------------------------------------
+
+@app.task(unique=Unique(by_args=["account_id"]))
+def sync_account(account_id: int, note: str = "") -> None:
+    record("start", key=str(account_id), note=note)
+
+
+@app.task(bind=True, unique=Unique(by_args=["account_id"]), max_retries=2)
+def sync_flaky(self, account_id: int) -> None:
+    record("start", key=str(account_id), retries=self.request.retries)
+    if self.request.retries < 1:
+        raise self.retry(countdown=1.5)
+    record("done", key=str(account_id), retries=self.request.retries)
+
+
+@app.task(unique=Unique(by_args=["account_id"], by_period=3600,
+                        states=["available", "scheduled", "pending", "reserved", "completed"]))
+def hourly_report(account_id: int) -> None:
+    record("start", key=str(account_id))
+
+
+@app.task(sequence=Sequence(by_args=["customer"]),
+          unique=Unique(by_args=["customer"], states=["available", "scheduled", "pending"]))
+def sync_customer(customer: str, n: int) -> None:
+    """At most one WAITING sync per customer, run in order: composes both features."""
+    record("start", key=customer, n=n)
+    time.sleep(0.3)
+    record("done", key=customer, n=n)

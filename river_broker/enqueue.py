@@ -1,0 +1,78 @@
+"""Publishing with answers: per-message results, batches in one round trip, and enqueueing
+inside the caller's own database transaction.
+
+``delay()``/``apply_async()`` never raise for a duplicate (it is logged and counted); these
+functions say, per message, whether it was inserted or which task already holds its key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .errors import ConfigurationError
+from .message import OutgoingRow
+from .store import InsertResult
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    """One message's fate: ``inserted``, or a duplicate of ``duplicate_of`` (a task id)."""
+
+    task_id: str
+    inserted: bool
+    duplicate_of: str | None = None
+    id: int | None = None  # the message row, when inserted
+
+
+def enqueue(signature: Any, *, connection: psycopg.Connection | None = None,
+            app: Any = None) -> EnqueueResult:
+    """Publish one Celery signature; with ``connection``, inside that connection's
+    transaction (the message exists, and workers are woken, only if it commits)."""
+    return enqueue_many([signature], connection=connection, app=app)[0]
+
+
+def enqueue_many(signatures: Iterable[Any], *, connection: psycopg.Connection | None = None,
+                 app: Any = None) -> list[EnqueueResult]:
+    """Publish many Celery signatures in one transaction and one round trip.
+
+    Every signature goes through Celery's own publishing (routing, serialization, the
+    ``before_task_publish`` signal that computes sequence and unique keys); the rows are then
+    written together. Uniqueness holds per row, duplicates inside the batch included, and
+    sequences keep the batch's order per key. Returns one result per signature, in order.
+    """
+    signatures = list(signatures)
+    if not signatures:
+        return []
+    app = app or signatures[0].app
+    with app.connection_for_write() as conn:
+        transport = conn.transport
+        if getattr(transport, "driver_type", None) != "river":
+            raise ConfigurationError(
+                f"enqueue_many needs the river transport; this app's broker is "
+                f"{transport.driver_type!r}"
+            )
+        rows: list[OutgoingRow] = []
+        task_ids: list[str] = []
+        transport.collecting = rows
+        try:
+            with conn.Producer() as producer:
+                for sig in signatures:
+                    before = len(rows)
+                    result = sig.apply_async(producer=producer)
+                    if len(rows) != before + 1:
+                        raise ConfigurationError(
+                            f"{sig!r} was routed to {len(rows) - before} queues; enqueue_many "
+                            "takes messages routed to exactly one queue"
+                        )
+                    task_ids.append(result.id)
+        finally:
+            transport.collecting = None
+        inserted: list[InsertResult] = transport.store.insert_many(rows, conn=connection)
+    return [
+        EnqueueResult(task_id=task_id, inserted=r.inserted, duplicate_of=r.duplicate_of, id=r.id)
+        for task_id, r in zip(task_ids, inserted, strict=True)
+    ]

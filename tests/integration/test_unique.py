@@ -192,9 +192,10 @@ def test_batch_of_sequenced_and_plain_messages_keeps_order(celery_app, url, topt
 def _wait_for_one(url, topts, queue, timeout):
     with connect(url, topts, polling_interval=60) as conn:
         got = []
-        with Consumer(conn, [Queue(queue)], callbacks=[lambda b, m: (got.append(m), m.ack())]):
-            with contextlib.suppress(TimeoutError):
-                conn.drain_events(timeout=timeout)
+        callbacks = [lambda b, m: (got.append(m), m.ack())]
+        with Consumer(conn, [Queue(queue)], callbacks=callbacks), \
+                contextlib.suppress(TimeoutError):
+            conn.drain_events(timeout=timeout)
         return got
 
 

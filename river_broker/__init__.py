@@ -10,7 +10,7 @@ import contextlib
 
 from kombu.transport import TRANSPORT_ALIASES
 
-from .enqueue import EnqueueResult, enqueue, enqueue_many
+from .enqueue import EnqueueResult, RawMessage, enqueue, enqueue_many, enqueue_messages
 from .errors import ConfigurationError, MessageError, RiverBrokerError, SchemaError
 from .options import TransportOptions
 from .sequences import Sequence, SequenceInfo, list_sequences, resume_sequence, skip_sequence
@@ -37,6 +37,7 @@ __all__ = [
     "ConfigurationError",
     "EnqueueResult",
     "MessageError",
+    "RawMessage",
     "RiverBrokerError",
     "SchemaError",
     "Sequence",
@@ -48,6 +49,7 @@ __all__ = [
     "duplicates_total",
     "enqueue",
     "enqueue_many",
+    "enqueue_messages",
     "list_sequences",
     "resume_sequence",
     "skip_sequence",

@@ -69,10 +69,11 @@ WHERE h.unique_key = %(unique_key)s::text
 -- Index: message_unique_idx (conflicts).
 WITH input AS (
     SELECT *
-    FROM unnest(%(queues)s::text[], %(priorities)s::smallint[], %(run_ats)s::timestamptz[],
-                %(ttls)s::float8[], %(task_ids)s::text[], %(task_names)s::text[],
-                %(payloads)s::text[], %(unique_keys)s::text[], %(unique_statess)s::smallint[],
-                %(unique_untils)s::timestamptz[])
+    -- The arrays are sent in binary format (the b placeholders): no per-element escaping.
+    FROM unnest(%(queues)b::text[], %(priorities)b::smallint[], %(run_ats)b::timestamptz[],
+                %(ttls)b::float8[], %(task_ids)b::text[], %(task_names)b::text[],
+                %(payloads)b::text[], %(unique_keys)b::text[], %(unique_statess)b::smallint[],
+                %(unique_untils)b::timestamptz[])
          WITH ORDINALITY
          AS t(queue, priority, run_at, ttl, task_id, task_name, payload, unique_key,
               unique_states, unique_until, ord)

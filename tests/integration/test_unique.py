@@ -240,3 +240,21 @@ def test_unique_and_sequence_compose(celery_app, db, schema):
     assert a.inserted and (b.inserted, b.duplicate_of) == (False, a.task_id)
     assert db.execute(sql.SQL("SELECT count(*) FROM {}.sequence").format(
         sql.Identifier(schema))).fetchone()[0] == 1
+
+
+def test_raw_kombu_messages_batch_with_per_row_results(url, topts, db, schema):
+    from river_broker import RawMessage, enqueue_messages
+
+    with connect(url, topts) as conn:
+        results = enqueue_messages(conn, "raw", [
+            {"n": 1},
+            RawMessage({"n": 2}, headers={"unique_key": "u"}, priority=9),
+            RawMessage({"n": 3}, headers={"unique_key": "u"}),  # duplicate inside the batch
+        ])
+        assert [r.inserted for r in results] == [True, True, False]
+        assert results[2].duplicate_of == results[1].task_id
+        sq = conn.SimpleQueue("raw")
+        got = [sq.get(timeout=5) for _ in range(2)]
+        assert [m.payload for m in got] == [{"n": 2}, {"n": 1}]  # priority 9 first
+        for m in got:
+            m.ack()

@@ -165,13 +165,24 @@ class Consumer:
                     self._dirty.add(queue)
         delivered = 0
         for _ in range(self.max_fetch_rounds):
+            finished_head = self._fetch_after_finished_head()
             fetched = self._fetch_dirty()
             delivered += fetched
-            if not fetched or not self.has_ready_work():
+            if not (fetched or finished_head) or not (
+                self.has_ready_work() or self.completer.urgent()
+            ):
                 break
         if self.completer.due(time.monotonic(), hold_urgent=self._busy()):
             self.flush_acks()
         return delivered
+
+    def _fetch_after_finished_head(self) -> bool:
+        """A finished sequence head promotes the next message of its key in the ack's own
+        transaction: fetch in that same transaction instead of waiting for its NOTIFY."""
+        if self.completer.urgent() and not self._busy():
+            self._dirty.update(self.slots)
+            return True
+        return False
 
     def has_ready_work(self) -> bool:
         """A queue may have messages and its channel has room: fetch again without waiting."""

@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             rows = [to_row("rows", {"body": "e30=", "headers": {"id": f"r{i}"},
                                     "properties": {"delivery_info": {}}})
                     for i in range(batch_n)]
+            bodies = [{"i": i} for i in range(batch_n)]
+            r["enqueue_messages_plain_per_s"] = timed(
+                lambda: [river_broker.enqueue_messages(conn, "raw", bodies[i:i + 1000])
+                         for i in range(0, batch_n, 1000)], batch_n)
             batch = [river_broker.RawMessage({"i": i}, headers={"unique_key": f"m{i}"})
                      for i in range(batch_n)]
             r["enqueue_messages_per_s"] = timed(
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['enqueue_many_per_s']:>10,.0f}  (>= 30,000)")
     print(f"{'enqueue_many, Unique() signatures, batches of 1000':<52}"
           f"{r['enqueue_many_unique_per_s']:>10,.0f}")
+    print(f"{'enqueue_messages, Kombu bodies, batches of 1000':<52}"
+          f"{r['enqueue_messages_plain_per_s']:>10,.0f}  (>= 30,000)")
     print(f"{'enqueue_messages, Kombu bodies + unique_key, by 1000':<52}"
           f"{r['enqueue_messages_per_s']:>10,.0f}  (>= 30,000)")
     print(f"{'store batch insert of built rows, batches of 1000':<52}"

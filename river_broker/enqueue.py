@@ -99,6 +99,7 @@ def enqueue_messages(kombu_connection: Any, queue: str, messages: Iterable[Any],
     (``EnqueueResult.task_id``, also its ``correlation_id`` property).
     """
     import base64
+    import json
     import uuid
 
     from kombu.serialization import dumps as serialize
@@ -112,27 +113,32 @@ def enqueue_messages(kombu_connection: Any, queue: str, messages: Iterable[Any],
     ids: list[str] = []
     for item in messages:
         raw = item if isinstance(item, RawMessage) else RawMessage(item)
-        content_type, content_encoding, data = serialize(raw.body, serializer=serializer)
-        if isinstance(data, str):
-            data = data.encode(content_encoding or "utf-8")
-        message_id = str(uuid.uuid4())
+        if serializer == "json":  # text: stored as is (Kombu reads body_encoding None as such)
+            content_type, content_encoding = "application/json", "utf-8"
+            body, body_encoding = json.dumps(raw.body), None
+        else:
+            content_type, content_encoding, data = serialize(raw.body, serializer=serializer)
+            if isinstance(data, str):
+                data = data.encode(content_encoding or "utf-8")
+            body, body_encoding = base64.b64encode(data).decode("ascii"), "base64"
+        message_id = uuid.uuid4().hex
+        headers = dict(raw.headers or {})
         message = {
-            "body": base64.b64encode(data).decode("ascii"),
+            "body": body,
             "content-type": content_type,
             "content-encoding": content_encoding,
-            "headers": dict(raw.headers or {}),
+            "headers": headers,
             "properties": {
                 "delivery_info": {"exchange": "", "routing_key": queue},
                 "priority": priority_of(raw.priority),
                 "delivery_mode": 2,
-                "body_encoding": "base64",
+                "body_encoding": body_encoding,
                 "delivery_tag": message_id,
                 "correlation_id": message_id,
             },
         }
-        row = to_row(queue, message)
-        if row.task_id is None:
-            row = OutgoingRow(**{**row.__dict__, "task_id": message_id})
+        # Header checks and row columns as for any publish; the dict is plain JSON here.
+        row = to_row(queue, message, dumps=json.dumps, default_id=message_id)
         rows.append(row)
         ids.append(row.task_id or message_id)
     inserted = transport.store.insert_many(rows, conn=connection)

@@ -76,7 +76,8 @@ class OutgoingRow:
         }
 
 
-def to_row(queue: str, message: dict[str, Any]) -> OutgoingRow:
+def to_row(queue: str, message: dict[str, Any], *, dumps: Any = dumps,
+           default_id: str | None = None) -> OutgoingRow:
     headers = message.get("headers") or {}
     properties = message.get("properties") or {}
     sequence_key = sequence_key_of(headers.get(SEQUENCE_KEY_HEADER))
@@ -84,7 +85,7 @@ def to_row(queue: str, message: dict[str, Any]) -> OutgoingRow:
     unique_states = unique_until = None
     if unique_key is not None:
         names = headers.get(UNIQUE_STATES_HEADER)
-        unique_states = states_bitmask(DEFAULT_UNIQUE_STATES if names is None else names)
+        unique_states = DEFAULT_UNIQUE_MASK if names is None else states_bitmask(names)
         unique_until = parse_time(UNIQUE_UNTIL_HEADER, headers.get(UNIQUE_UNTIL_HEADER))
         if unique_states & (STATE_BITS["completed"] | STATE_BITS["discarded"]) and \
                 unique_until is None:
@@ -100,7 +101,7 @@ def to_row(queue: str, message: dict[str, Any]) -> OutgoingRow:
         # A TTL would let a waiting sequence head vanish unseen: sequenced messages keep theirs
         # out of the broker (Celery's own `expires` check still applies when they run).
         ttl_seconds=None if sequence_key else ttl_of(properties.get("expiration")),
-        task_id=_optional_str(headers.get("id")),
+        task_id=_optional_str(headers.get("id", default_id)),
         task_name=_optional_str(headers.get("task")),
         payload=dumps(message),
         sequence_key=sequence_key,
@@ -130,6 +131,7 @@ def states_bitmask(names: Any) -> int:
 
 
 WAITING_BITS = STATE_BITS["available"] | STATE_BITS["scheduled"] | STATE_BITS["pending"]
+DEFAULT_UNIQUE_MASK = WAITING_BITS | STATE_BITS["reserved"]
 
 
 def unique_states_problem(mask: int) -> str | None:

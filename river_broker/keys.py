@@ -12,8 +12,20 @@ import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from .errors import MessageError
+from .errors import ConfigurationError, MessageError
 from .message import MAX_KEY_BYTES
+
+
+def argument_names(option: str, by_args: Any) -> tuple[str, ...] | None:
+    """A task option's ``by_args``: None (all arguments), () (none) or the chosen names."""
+    if isinstance(by_args, bool):
+        return None if by_args else ()
+    if isinstance(by_args, str) or not all(isinstance(n, str) for n in by_args):
+        raise ConfigurationError(
+            f"{option}(by_args=...) takes True, False or a list of argument names, "
+            f"got {by_args!r}"
+        )
+    return tuple(by_args)
 
 
 def select_arguments(

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import ConfigurationError
-from .keys import build_key, select_arguments
+from .keys import argument_names, build_key, select_arguments
 from .options import TransportOptions
 from .store import Store
 
@@ -40,16 +40,7 @@ class Sequence:
     _names: tuple[str, ...] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        names: tuple[str, ...] | None
-        if isinstance(self.by_args, bool):
-            names = None if self.by_args else ()
-        elif isinstance(self.by_args, str) or not all(isinstance(n, str) for n in self.by_args):
-            raise ConfigurationError(
-                f"Sequence(by_args=...) takes True, False or a list of argument names, "
-                f"got {self.by_args!r}"
-            )
-        else:
-            names = tuple(self.by_args)
+        names = argument_names("Sequence", self.by_args)
         object.__setattr__(self, "_names", names)
         if self.exclude_task_name and names == () and not self.by_queue:
             raise ConfigurationError(

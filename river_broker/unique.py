@@ -18,7 +18,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .errors import ConfigurationError, MessageError
-from .keys import build_key, select_arguments
+from .keys import argument_names, build_key, select_arguments
 from .message import (
     DEFAULT_UNIQUE_STATES,
     FINISHED_STATES,
@@ -69,16 +69,7 @@ class Unique:
     _names: tuple[str, ...] | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
-        names: tuple[str, ...] | None
-        if isinstance(self.by_args, bool):
-            names = None if self.by_args else ()
-        elif isinstance(self.by_args, str) or not all(isinstance(n, str) for n in self.by_args):
-            raise ConfigurationError(
-                f"Unique(by_args=...) takes True, False or a list of argument names, "
-                f"got {self.by_args!r}"
-            )
-        else:
-            names = tuple(self.by_args)
+        names = argument_names("Unique", self.by_args)
         object.__setattr__(self, "_names", names)
         states = tuple(self.states)
         if isinstance(self.states, str) or not states:

@@ -16,6 +16,7 @@ import psycopg
 from .errors import ConfigurationError
 from .message import OutgoingRow
 from .store import InsertResult
+from .unique import record_duplicate
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def enqueue_many(signatures: Iterable[Any], *, connection: psycopg.Connection | 
     if not signatures:
         return []
     app = app or signatures[0].app
-    with app.connection_for_write() as conn:
+    with app.producer_or_acquire() as pooled:  # a pooled broker connection, not a new one
+        conn = pooled.connection
         transport = conn.transport
         if getattr(transport, "driver_type", None) != "river":
             raise ConfigurationError(
@@ -72,6 +74,7 @@ def enqueue_many(signatures: Iterable[Any], *, connection: psycopg.Connection | 
         finally:
             transport.collecting = None
         inserted: list[InsertResult] = transport.store.insert_many(rows, conn=connection)
+    _record_duplicates(rows, inserted)
     return [
         EnqueueResult(task_id=task_id, inserted=r.inserted, duplicate_of=r.duplicate_of, id=r.id)
         for task_id, r in zip(task_ids, inserted, strict=True)
@@ -142,5 +145,12 @@ def enqueue_messages(kombu_connection: Any, queue: str, messages: Iterable[Any],
         rows.append(row)
         ids.append(row.task_id or message_id)
     inserted = transport.store.insert_many(rows, conn=connection)
+    _record_duplicates(rows, inserted)
     return [EnqueueResult(task_id=i, inserted=r.inserted, duplicate_of=r.duplicate_of, id=r.id)
             for i, r in zip(ids, inserted, strict=True)]
+
+
+def _record_duplicates(rows: list[OutgoingRow], results: list[InsertResult]) -> None:
+    for row, result in zip(rows, results, strict=True):
+        if not result.inserted:
+            record_duplicate(row, result.duplicate_of)

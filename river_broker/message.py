@@ -87,11 +87,11 @@ def to_row(queue: str, message: dict[str, Any], *, dumps: Any = dumps,
         names = headers.get(UNIQUE_STATES_HEADER)
         unique_states = DEFAULT_UNIQUE_MASK if names is None else states_bitmask(names)
         unique_until = parse_time(UNIQUE_UNTIL_HEADER, headers.get(UNIQUE_UNTIL_HEADER))
-        if unique_states & (STATE_BITS["completed"] | STATE_BITS["discarded"]) and \
-                unique_until is None:
+        finished = [s for s in FINISHED_STATES if unique_states & STATE_BITS[s]]
+        if finished and unique_until is None:
             raise MessageError(
-                f"unique key {unique_key!r}: unique states {list(FINISHED_STATES)} keep "
-                f"finished rows, so they need an end: set header {UNIQUE_UNTIL_HEADER!r} "
+                f"unique key {unique_key!r}: unique state(s) {finished} keep finished rows, "
+                f"so they need an end: set header {UNIQUE_UNTIL_HEADER!r} "
                 "(the Celery option: Unique(by_period=...))"
             )
     return OutgoingRow(

@@ -273,6 +273,8 @@ class Store:
                         stack.enter_context(target.pipeline())
                         stack.enter_context(target.transaction())
                         self._durable(target)
+                    else:  # the caller's transaction (a savepoint in it), or one of its own
+                        stack.enter_context(target.transaction())
                     batch_cur = None
                     if plain:
                         batch_cur = target.execute(self.q["insert_messages"],
@@ -465,7 +467,9 @@ class Store:
         removed = 0
         with self.lock:
             removed += self._execute("clean_expired", {"limit": limit}).rowcount
-            removed += self._execute("clean_unique_finished", {"limit": limit}).rowcount
+            removed += self._execute(
+                "clean_unique_finished", {"limit": limit, "retention": self.options.retention}
+            ).rowcount
             if self.options.retention > 0:
                 removed += self._execute(
                     "clean_finished", {"retention": self.options.retention, "limit": limit}
@@ -485,9 +489,15 @@ class Store:
         params = {"key": key, "channel": self.options.notify_channel}
         with self.lock:
             conn = self.connect()
-            with conn.transaction():
-                self._execute("lock_sequence", params)
-                resumed = self._execute("resume_sequence", params).fetchall()
+            for attempt in (1, 2):  # the second gives a unique key up to a newer holder
+                try:
+                    with conn.transaction():
+                        self._execute("lock_sequence", params)
+                        resumed = self._execute("resume_sequence", params).fetchall()
+                    break
+                except psycopg.errors.UniqueViolation:
+                    if attempt == 2:
+                        raise
         return bool(resumed)
 
     def skip_sequence(self, key: str) -> bool:

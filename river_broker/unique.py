@@ -71,6 +71,12 @@ class Unique:
     def __post_init__(self) -> None:
         names = argument_names("Unique", self.by_args)
         object.__setattr__(self, "_names", names)
+        if self.exclude_task_name and names == () and not self.by_queue and \
+                self.by_period is None:
+            raise ConfigurationError(
+                "Unique(exclude_task_name=True) needs by_args, by_queue or by_period, or "
+                "every task would share one key"
+            )
         states = tuple(self.states)
         if isinstance(self.states, str) or not states:
             raise ConfigurationError(f"Unique(states=...) takes a list of states, got "

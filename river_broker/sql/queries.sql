@@ -17,6 +17,14 @@ WITH released AS (
       AND m.state = 'reserved'
       AND m.unique_states IS NOT NULL AND (m.unique_states & {schema}.state_bit(m.state)) <> 0
     RETURNING m.id
+), expired AS (
+    -- A finished row kept for uniqueness whose period is over no longer holds the key, even
+    -- before the cleaner removes it.
+    DELETE FROM {schema}.message AS m
+    WHERE m.unique_key = %(unique_key)s::text AND m.unique_until < now()
+      AND m.state IN ('completed', 'discarded')
+      AND m.unique_states IS NOT NULL AND (m.unique_states & {schema}.state_bit(m.state)) <> 0
+    RETURNING m.id
 ), inserted AS (
     INSERT INTO {schema}.message
         (queue, state, priority, run_at, expires_at, task_id, task_name, payload,
@@ -34,7 +42,8 @@ WITH released AS (
         %(unique_key)s,
         %(unique_states)s,
         %(unique_until)s
-    FROM (SELECT count(*) FROM released) AS after_release
+    FROM (SELECT count(*) FROM released) AS after_release,
+         (SELECT count(*) FROM expired) AS after_expiry
     ON CONFLICT DO NOTHING
     RETURNING id, state, run_at
 )
@@ -77,6 +86,12 @@ WITH input AS (
          WITH ORDINALITY
          AS t(queue, priority, run_at, ttl, task_id, task_name, payload, unique_key,
               unique_states, unique_until, ord)
+), expired AS (
+    DELETE FROM {schema}.message AS m
+    WHERE m.unique_key IN (SELECT unique_key FROM input WHERE unique_key IS NOT NULL)
+      AND m.unique_until < now() AND m.state IN ('completed', 'discarded')
+      AND m.unique_states IS NOT NULL AND (m.unique_states & {schema}.state_bit(m.state)) <> 0
+    RETURNING m.id
 ), inserted AS (
     INSERT INTO {schema}.message
         (queue, state, priority, run_at, expires_at, task_id, task_name, payload,
@@ -87,7 +102,7 @@ WITH input AS (
            coalesce(run_at, now()),
            CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
            task_id, task_name, payload, unique_key, unique_states, unique_until
-    FROM input
+    FROM input, (SELECT count(*) FROM expired) AS after_expiry
     ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id, task_id, state, queue, run_at
@@ -352,19 +367,22 @@ WHERE m.id IN (
     SELECT f.id FROM {schema}.message AS f
     WHERE f.state IN ('completed', 'discarded')
       AND f.finished_at < now() - make_interval(secs => %(retention)s)
-      AND (f.unique_until IS NULL OR f.unique_until < now())
+      AND (f.unique_until IS NULL OR f.unique_until < now()
+           OR coalesce(f.unique_states & {schema}.state_bit(f.state), 0) = 0)
       AND NOT EXISTS (SELECT 1 FROM {schema}.sequence AS s WHERE s.head_id = f.id)
     LIMIT %(limit)s
 );
 
 -- name: clean_unique_finished
--- Finished rows kept for uniqueness, once their period is over (whatever retention says).
+-- Finished rows kept for uniqueness, once their period is over and retention has passed.
 -- Index: message_unique_until_idx.
 DELETE FROM {schema}.message AS m
 WHERE m.id IN (
     SELECT f.id FROM {schema}.message AS f
     WHERE f.unique_until IS NOT NULL AND f.unique_until < now()
       AND f.state IN ('completed', 'discarded')
+      AND f.unique_states IS NOT NULL AND (f.unique_states & {schema}.state_bit(f.state)) <> 0
+      AND f.finished_at < now() - make_interval(secs => %(retention)s)
       AND NOT EXISTS (SELECT 1 FROM {schema}.sequence AS s WHERE s.head_id = f.id)
     LIMIT %(limit)s
 );
@@ -431,6 +449,14 @@ WITH released AS (
       AND m.state = 'reserved'
       AND m.unique_states IS NOT NULL AND (m.unique_states & {schema}.state_bit(m.state)) <> 0
     RETURNING m.id
+), expired AS (
+    -- A finished row kept for uniqueness whose period is over no longer holds the key, even
+    -- before the cleaner removes it.
+    DELETE FROM {schema}.message AS m
+    WHERE m.unique_key = %(unique_key)s::text AND m.unique_until < now()
+      AND m.state IN ('completed', 'discarded')
+      AND m.unique_states IS NOT NULL AND (m.unique_states & {schema}.state_bit(m.state)) <> 0
+    RETURNING m.id
 ), seq AS (
     SELECT s.head_id FROM {schema}.sequence AS s WHERE s.key = %(sequence_key)s
 ), head AS (
@@ -467,7 +493,8 @@ WITH released AS (
            %(unique_key)s,
            %(unique_states)s,
            %(unique_until)s
-    FROM decided AS d, (SELECT count(*) FROM released) AS after_release
+    FROM decided AS d, (SELECT count(*) FROM released) AS after_release,
+         (SELECT count(*) FROM expired) AS after_expiry
     ON CONFLICT DO NOTHING
     RETURNING id, state, run_at
 ), set_head AS (

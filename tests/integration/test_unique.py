@@ -258,3 +258,44 @@ def test_raw_kombu_messages_batch_with_per_row_results(url, topts, db, schema):
         assert [m.payload for m in got] == [{"n": 2}, {"n": 1}]  # priority 9 first
         for m in got:
             m.ack()
+
+
+def test_a_finished_holder_past_its_period_does_not_block_before_cleaning(url, topts, db,
+                                                                           schema):
+    states = [*WAITING, "reserved", "completed"]
+    until = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    with connect(url, topts) as conn:
+        put(conn, "a", unique_key="p", unique_states=states, unique_until=until, id="t1")
+        conn.SimpleQueue("uq").get_nowait().ack()
+        conn.transport.consumer.flush_acks()
+        db.execute(sql.SQL("UPDATE {}.message SET unique_until = now() - interval '1 s'")
+                   .format(sql.Identifier(schema)))  # period over; the cleaner has not run
+        put(conn, "b", unique_key="p", unique_states=states, unique_until=until, id="t2")
+    assert [r[0] for r in rows(db, schema)] == ["t2"]
+
+
+def test_retention_and_uniqueness_each_keep_what_they_promise(url, topts, db, schema):
+    past = (datetime.now(timezone.utc) - timedelta(seconds=1)).isoformat()
+    with connect(url, topts, retention=3600) as conn:
+        # unique only while unfinished, with a period: retention alone decides after the ack
+        put(conn, "a", unique_key="x", unique_until=past, id="t1")
+        conn.SimpleQueue("uq").get_nowait().ack()
+        conn.transport.consumer.flush_acks()
+        conn.transport.store.clean()
+        assert [r[:2] for r in rows(db, schema)] == [("t1", "completed")]
+
+
+def test_unique_option_refuses_an_always_empty_key():
+    with pytest.raises(ConfigurationError, match="every task would share one key"):
+        Unique(by_args=False, exclude_task_name=True)
+
+
+def test_batch_duplicates_are_counted_and_logged_too(celery_app, caplog):
+    from tests.apps.tasks import sync_account
+
+    before = river_broker.duplicates_total()
+    with caplog.at_level("INFO", logger="river_broker"):
+        results = enqueue_many([sync_account.s(5), sync_account.s(5)])
+    assert [r.inserted for r in results] == [True, False]
+    assert river_broker.duplicates_total() == before + 1
+    assert f"duplicate of task {results[0].task_id}" in caplog.text

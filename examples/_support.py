@@ -40,6 +40,22 @@ def find_postgres(stack: ExitStack) -> str:
              "testcontainers.")
 
 
+def prepare(stack: ExitStack, schema: str, prefix: str) -> tuple[str, Path, Path, dict[str, str]]:
+    """PostgreSQL found, the demo schema fresh, a scratch folder with the task log, and the
+    environment the demo's workers (and this process) use: (dsn, folder, log, env)."""
+    import tempfile
+
+    dsn = find_postgres(stack)
+    reset_schema(dsn, schema)
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+    log = tmp / "events.jsonl"
+    log.touch()
+    env = {**os.environ, "DEMO_BROKER_URL": "river+" + dsn, "DEMO_SCHEMA": schema,
+           "DEMO_LOG": str(log), "PYTHONPATH": str(ROOT)}
+    os.environ.update(env)
+    return dsn, tmp, log, env
+
+
 def reset_schema(dsn: str, schema: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(

@@ -13,7 +13,6 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from contextlib import ExitStack
@@ -24,10 +23,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from examples._support import (
-    ROOT,
-    find_postgres,
+    prepare,
     read_events,
-    reset_schema,
     start_worker,
     stop_worker,
     wait,
@@ -38,14 +35,7 @@ SCHEMA = "river_demo"
 
 def main() -> None:
     with ExitStack() as stack:
-        dsn = find_postgres(stack)
-        reset_schema(dsn, SCHEMA)
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="river_demo_")))
-        log = tmp / "tasks.jsonl"
-        log.touch()
-        env = {**os.environ, "DEMO_BROKER_URL": "river+" + dsn, "DEMO_SCHEMA": SCHEMA,
-               "DEMO_LOG": str(log), "PYTHONPATH": str(ROOT)}
-        os.environ.update(env)
+        dsn, tmp, log, env = prepare(stack, SCHEMA, "river_demo_")
         events = partial(read_events, log)
         from examples.demo_app import app, flaky_sync, handle_event
 

@@ -14,7 +14,7 @@ from typing import Any
 from celery import signals
 from celery._state import _get_active_apps, get_current_app
 
-from .errors import ConfigurationError, MessageError
+from .errors import MessageError
 from .message import (
     CONTINUE_ON_DISCARD_HEADER,
     KEY_ERROR,
@@ -56,6 +56,25 @@ def _call_arguments(body: Any) -> tuple[list[Any], dict[str, Any]]:
     return [], {}
 
 
+def _task_option(sender: str, attribute: str, kind: type, headers: dict[str, Any],
+                 header: str) -> tuple[Any, Any] | None:
+    """The task being published and its ``sequence``/``unique`` option, if it has one.
+
+    Celery only logs what a signal receiver raises, and would publish the message without
+    its key; so a problem is left in the header instead, as an error marker that the
+    transport raises from publish(), before anything is written.
+    """
+    task = _find_task(sender)
+    option = getattr(task, attribute, None) if task is not None else None
+    if option is None:
+        return None
+    if not isinstance(option, kind):
+        headers[header] = {KEY_ERROR: f"task {sender!r}: the {attribute} option must be a "
+                                      f"river_broker.{kind.__name__}, got {option!r}"}
+        return None
+    return task, option
+
+
 @signals.before_task_publish.connect(weak=False, dispatch_uid="river_broker.sequence_key")
 def add_sequence_key(sender: str | None = None, body: Any = None,
                      headers: dict[str, Any] | None = None, routing_key: str | None = None,
@@ -63,23 +82,15 @@ def add_sequence_key(sender: str | None = None, body: Any = None,
     """Write the task's sequence key into the message headers (an explicit header wins)."""
     if headers is None or sender is None:
         return
-    task = _find_task(sender)
-    option = getattr(task, "sequence", None) if task is not None else None
-    if option is None:
+    found = _task_option(sender, "sequence", Sequence, headers, SEQUENCE_KEY_HEADER)
+    if found is None:
         return
-    if not isinstance(option, Sequence):
-        raise ConfigurationError(
-            f"task {sender!r}: the sequence option must be a river_broker.Sequence, "
-            f"got {option!r}"
-        )
+    task, option = found
     if headers.get(SEQUENCE_KEY_HEADER) is None:
         args, kwargs = _call_arguments(body)
         try:
             headers[SEQUENCE_KEY_HEADER] = option.key_for(task, args, kwargs, queue=routing_key)
-        except MessageError as exc:
-            # Celery only logs what a signal receiver raises and would publish the message
-            # without its key. Leave the error in the header: the transport raises it from
-            # publish(), before anything is written.
+        except MessageError as exc:  # raised from publish() by the transport
             headers[SEQUENCE_KEY_HEADER] = {KEY_ERROR: str(exc)}
     if option.continue_on_discard:
         headers.setdefault(CONTINUE_ON_DISCARD_HEADER, True)
@@ -93,19 +104,15 @@ def add_unique_key(sender: str | None = None, body: Any = None,
     ``unique_key`` header wins)."""
     if headers is None or sender is None or headers.get(UNIQUE_KEY_HEADER) is not None:
         return
-    task = _find_task(sender)
-    option = getattr(task, "unique", None) if task is not None else None
-    if option is None:
+    found = _task_option(sender, "unique", Unique, headers, UNIQUE_KEY_HEADER)
+    if found is None:
         return
-    if not isinstance(option, Unique):
-        raise ConfigurationError(
-            f"task {sender!r}: the unique option must be a river_broker.Unique, got {option!r}"
-        )
+    task, option = found
     args, kwargs = _call_arguments(body)
     try:
         key, states, until = option.key_for(task, args, kwargs, queue=routing_key,
                                             eta=parse_eta(headers.get("eta")))
-    except MessageError as exc:  # raised from publish() by the transport (see above)
+    except MessageError as exc:  # raised from publish() by the transport
         headers[UNIQUE_KEY_HEADER] = {KEY_ERROR: str(exc)}
         return
     headers[UNIQUE_KEY_HEADER] = key

@@ -8,10 +8,8 @@ customers ran in parallel.
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from contextlib import ExitStack
@@ -19,10 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 from examples._support import (
-    ROOT,
-    find_postgres,
+    prepare,
     read_events,
-    reset_schema,
     start_worker,
     stop_worker,
     wait,
@@ -37,14 +33,7 @@ TYPES = ["customer.created", "invoice.created", "invoice.finalized", "payment_in
 
 def main() -> None:
     with ExitStack() as stack:
-        dsn = find_postgres(stack)
-        reset_schema(dsn, SCHEMA)
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="stripe_demo_")))
-        log = tmp / "events.jsonl"
-        log.touch()
-        env = {**os.environ, "DEMO_BROKER_URL": "river+" + dsn, "DEMO_SCHEMA": SCHEMA,
-               "DEMO_LOG": str(log), "PYTHONPATH": str(ROOT)}
-        os.environ.update(env)
+        dsn, tmp, log, env = prepare(stack, SCHEMA, "stripe_demo_")
         from examples.stripe_webhooks.app import app, handle_stripe_event
 
         workers = [start_worker("examples.stripe_webhooks.app", name, env, tmp,

@@ -171,11 +171,13 @@ def test_key_from_a_subset_of_arguments_and_explicit_header(celery_app, db, sche
 
 
 def test_bad_keys_fail_at_publish_with_a_clear_error(celery_app, db, schema):
-    from tests.apps.tasks import seq_wrong_arg, work
+    from tests.apps.tasks import seq_wrong_arg, seq_wrong_option, work
 
     with pytest.raises(MessageError, match="must be a string"):
         work.apply_async(("x",), headers={"sequence_key": 12})
     with pytest.raises(MessageError, match=r"seq_wrong_arg' has no argument 'account' "
                                            r"\(it takes: customer\)"):
         seq_wrong_arg.delay("cus_1")
+    with pytest.raises(MessageError, match=r"the sequence option must be a river_broker\.Sequence"):
+        seq_wrong_option.delay("cus_1")
     assert count_rows(db, schema) == 0

@@ -140,3 +140,8 @@ def sync_customer(customer: str, n: int) -> None:
     record("start", key=customer, n=n)
     time.sleep(0.3)
     record("done", key=customer, n=n)
+
+
+@app.task(sequence={"by_args": ["customer"]})
+def seq_wrong_option(customer: str) -> None:
+    """Misconfigured on purpose: the option is a dict, not a river_broker.Sequence."""

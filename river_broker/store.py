@@ -352,17 +352,17 @@ class Store:
         with self.lock:
             owner = self.register_consumer() if queue is not None and limit > 0 else 0
             params = {**_token_params(acks), "queue": queue or "", "limit": max(limit, 0),
-                      "owner": owner, "channel": self.options.notify_channel}
+                      "owner": owner, "channel": self.options.notify_channel,
+                      "retain": self.options.retention > 0}
             heads = [t[0] for t in acks if t[2]]
             if not heads:  # the common case: a single statement
-                name = "ack_retain_and_fetch" if self.options.retention > 0 else "ack_and_fetch"
-                result = self._execute(name, params).fetchall()
+                result = self._execute("ack_and_fetch", params).fetchall()
                 acked = set(result[0][0] or ()) if result else set()
                 rows = [LeasedRow(*r[1:]) for r in result if r[1] is not None]
             else:
                 conn = self.connect()
                 with conn.pipeline(), conn.transaction():
-                    ack_cur = conn.execute(self.q[self._ack_query()], params)
+                    ack_cur = conn.execute(self.q["ack_delete"], params)
                     self._promote_after(heads)  # the next of each key, before the fetch
                     fetch_cur = conn.execute(self.q["fetch_available"], params) if limit > 0 \
                         else None
@@ -371,9 +371,6 @@ class Store:
         if acks and len(acked) != len(acks):
             _log_stale("ack", acks, acked)
         return acked, rows
-
-    def _ack_query(self) -> str:
-        return "ack_retain" if self.options.retention > 0 else "ack_delete"
 
     def _promote_after(self, head_ids: list[int]) -> None:
         """Promote the next message of every key these (finished) heads held.
@@ -386,13 +383,13 @@ class Store:
         self._execute("promote_next_in_sequence", params)
 
     def discard(self, tokens: Sequence[Token]) -> set[int]:
-        name = "discard_retain" if self.options.retention > 0 else "discard_delete"
         plain = [t for t in tokens if not t[2]]
         heads = [t for t in tokens if t[2]]
         done: set[int] = set()
         with self.lock:
             if plain:
-                done |= {r[0] for r in self._execute(name, _token_params(plain)).fetchall()}
+                params = {**_token_params(plain), "retain": self.options.retention > 0}
+                done |= {r[0] for r in self._execute("discard_delete", params).fetchall()}
             if heads:
                 conn = self.connect()
                 ids = {"ids": [t[0] for t in heads]}

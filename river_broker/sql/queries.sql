@@ -149,15 +149,15 @@ WITH deleted AS (
     DELETE FROM {schema}.message AS m
     USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
     WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-      AND coalesce(m.unique_states & 16, 0) = 0
+      AND NOT %(retain)s::boolean AND coalesce(m.unique_states & 16, 0) = 0
     RETURNING m.id
 ), kept AS (
-    -- Unique also while 'completed' (until unique_until): the row stays, as completed.
+    -- Kept as 'completed': retention > 0, or unique while completed (until unique_until).
     UPDATE {schema}.message AS m
     SET state = 'completed', lease_owner = NULL, finished_at = now()
     FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
     WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-      AND coalesce(m.unique_states & 16, 0) <> 0
+      AND (%(retain)s::boolean OR coalesce(m.unique_states & 16, 0) <> 0)
     RETURNING m.id
 ), acked AS (
     SELECT id FROM deleted UNION ALL SELECT id FROM kept
@@ -185,91 +185,44 @@ SELECT (SELECT array_agg(id) FROM acked) AS acked, f.*
 FROM (SELECT 1) AS one
 LEFT JOIN fetched AS f ON true;
 
--- name: ack_retain_and_fetch
--- ack_and_fetch when finished rows are retained (retention > 0): they become 'completed'.
-WITH acked AS (
-    UPDATE {schema}.message AS m
-    SET state = 'completed', lease_owner = NULL, finished_at = now()
-    FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
-    WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-    RETURNING m.id
-), picked AS (
-    SELECT id
-    FROM {schema}.message
-    WHERE state = 'available'
-      AND queue = %(queue)s
-      AND (expires_at IS NULL OR expires_at > now())
-    ORDER BY priority DESC, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-), fetched AS (
-    UPDATE {schema}.message AS m
-    SET state = 'reserved',
-        attempt = m.attempt + 1,
-        lease_owner = %(owner)s,
-        reserved_at = now()
-    FROM picked
-    WHERE m.id = picked.id
-    RETURNING m.id, m.attempt, m.redelivered, m.payload, m.priority,
-              m.sequence_key IS NOT NULL AS sequenced
-)
-SELECT (SELECT array_agg(id) FROM acked) AS acked, f.*
-FROM (SELECT 1) AS one
-LEFT JOIN fetched AS f ON true;
-
 -- name: ack_delete
--- Finish deliveries by their fencing tokens (id, attempt); stale tokens match nothing. Rows
--- unique while 'completed' are kept as completed (until unique_until).
+-- Finish deliveries by their fencing tokens (id, attempt); stale tokens match nothing. Rows are
+-- kept as 'completed' when retain is true (retention > 0) or when unique while completed.
 -- Index: primary key.
 WITH deleted AS (
     DELETE FROM {schema}.message AS m
     USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
     WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-      AND coalesce(m.unique_states & 16, 0) = 0
+      AND NOT %(retain)s::boolean AND coalesce(m.unique_states & 16, 0) = 0
     RETURNING m.id
 ), kept AS (
     UPDATE {schema}.message AS m
     SET state = 'completed', lease_owner = NULL, finished_at = now()
     FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
     WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-      AND coalesce(m.unique_states & 16, 0) <> 0
+      AND (%(retain)s::boolean OR coalesce(m.unique_states & 16, 0) <> 0)
     RETURNING m.id
 )
 SELECT id FROM deleted UNION ALL SELECT id FROM kept;
 
--- name: ack_retain
--- Same as ack_delete, keeping the row as 'completed' (retention > 0).
-UPDATE {schema}.message AS m
-SET state = 'completed', lease_owner = NULL, finished_at = now()
-FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
-WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-RETURNING m.id;
-
 -- name: discard_delete
--- reject(requeue=False): the delivery is dropped (kept as 'discarded' when its key is unique
--- while discarded, until unique_until).
+-- reject(requeue=False): the delivery is dropped (kept as 'discarded' when retain is true, i.e.
+-- retention > 0, or when its key is unique while discarded, until unique_until).
 WITH deleted AS (
     DELETE FROM {schema}.message AS m
     USING unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
     WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-      AND coalesce(m.unique_states & 32, 0) = 0
+      AND NOT %(retain)s::boolean AND coalesce(m.unique_states & 32, 0) = 0
     RETURNING m.id
 ), kept AS (
     UPDATE {schema}.message AS m
     SET state = 'discarded', lease_owner = NULL, finished_at = now()
     FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
     WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-      AND coalesce(m.unique_states & 32, 0) <> 0
+      AND (%(retain)s::boolean OR coalesce(m.unique_states & 32, 0) <> 0)
     RETURNING m.id
 )
 SELECT id FROM deleted UNION ALL SELECT id FROM kept;
-
--- name: discard_retain
-UPDATE {schema}.message AS m
-SET state = 'discarded', lease_owner = NULL, finished_at = now()
-FROM unnest(%(ids)s::bigint[], %(attempts)s::integer[]) AS t(id, attempt)
-WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
-RETURNING m.id;
 
 -- name: requeue
 -- reject(requeue=True), recover, restore at shutdown: the same row goes back

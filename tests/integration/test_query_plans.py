@@ -63,7 +63,8 @@ def test_consumer_fetch_uses_the_index_on_a_never_analyzed_table(dsn, schema):
                     sql.Identifier(schema)), [()] * 5000)
         for name in ("ack_and_fetch", "fetch_available"):
             plan = _plan(conn, queries_for(schema)[name],
-                         {"ids": [], "attempts": [], "queue": "q", "limit": 4, "owner": 1})
+                         {"ids": [], "attempts": [], "queue": "q", "limit": 4, "owner": 1,
+                          "retain": False})
             assert "message_fetch_idx" in plan
             assert "Bitmap" not in plan and "Seq Scan" not in plan and '"Sort"' not in plan
     finally:

@@ -155,10 +155,11 @@ def test_delay_twice_enqueues_once_and_the_api_says_which(celery_app, db, schema
 def test_key_period_follows_the_eta(celery_app, db, schema):
     from tests.apps.tasks import hourly_report
 
-    now = datetime.now(timezone.utc)
+    # ETAs inside one period, whatever the time of day the test runs at.
+    next_period = period_of(datetime.now(timezone.utc), 3600)[1] + timedelta(hours=1)
     a = enqueue(hourly_report.s(1))
-    b = enqueue(hourly_report.s(1).set(eta=now + timedelta(hours=1)))  # next period
-    c = enqueue(hourly_report.s(1).set(eta=now + timedelta(hours=1, minutes=1)))
+    b = enqueue(hourly_report.s(1).set(eta=next_period + timedelta(minutes=10)))
+    c = enqueue(hourly_report.s(1).set(eta=next_period + timedelta(minutes=20)))
     assert a.inserted and b.inserted
     assert (c.inserted, c.duplicate_of) == (False, b.task_id)
     keys = [r[2] for r in rows(db, schema)]

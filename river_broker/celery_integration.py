@@ -153,3 +153,20 @@ def require_sequence_settings(sender: Any = None, **_: Any) -> None:
             "this app has sequenced tasks, and a task whose message is redelivered after a "
             "lost connection must not keep running beside its redelivery"
         )
+
+
+def _enable_worker_broadcast_steps() -> None:
+    """Celery runs its Mingle (revoked-task sync at start-up) and Gossip (worker-to-worker
+    events) bootsteps only on transports it lists as able to broadcast (amqp, redis):
+    river_broker can, through database-held bindings, so it joins the lists. Both remain
+    switchable with ``--without-mingle`` / ``--without-gossip``."""
+    from celery.worker.consumer.gossip import Gossip
+    from celery.worker.consumer.mingle import Mingle
+
+    for step in (Mingle, Gossip):
+        transports = set(step.compatible_transports)
+        if "river" not in transports:
+            step.compatible_transports = transports | {"river"}
+
+
+_enable_worker_broadcast_steps()

@@ -86,6 +86,9 @@ class QueueSlot:
     limit: Callable[[], int]  # how many messages the consuming channel can take now
     deliver: Callable[[LeasedRow], None]
     prefetch: Callable[[], int] = lambda: 0  # the channel's prefetch count (0: unlimited)
+    #: A no_ack consumer (Celery's remote control and event receivers): messages are
+    #: finished as they are taken.
+    no_ack: bool = False
 
 
 class Consumer:
@@ -240,8 +243,10 @@ class Consumer:
             limit = self._room_to_fetch(slot)
             if limit <= 0:
                 continue  # stays dirty: fetched again once the channel has room
-            acks = self.completer.take()
-            _, rows = self.store.ack_and_fetch(acks, name, limit)
+            if slot.no_ack:
+                rows = self.store.fetch_noack(name, limit)
+            else:
+                _, rows = self.store.ack_and_fetch(self.completer.take(), name, limit)
             logger.debug("river_broker: fetched %d/%d from %s", len(rows), limit, name)
             if len(rows) < limit:
                 self._dirty.discard(name)
@@ -259,6 +264,7 @@ class Consumer:
         if now >= self._next_rescue:
             self._next_rescue = now + o.rescue_interval
             self.store.rescue_orphaned_leases()
+            self.store.clean_queues()  # dead consumers, auto-delete and x-expires queues
         if now >= self._next_clean:
             self._next_clean = now + o.clean_interval
             self.store.clean()

@@ -55,6 +55,10 @@ class TransportOptions:
     clean_interval: float = 30.0
     #: A publisher sends at most one NOTIFY per queue per this many seconds.
     notify_throttle: float = 0.01
+    #: How long (seconds) a process reuses the bindings of a direct exchange read from the
+    #: database (fanout and topic exchanges route in the database on every publish). A publish
+    #: that matches no cached binding always reads them again.
+    routing_cache_ttl: float = 1.0
     #: Write acks and leases without waiting for the WAL flush (a lost ack means a re-run,
     #: which at-least-once allows). Publishing is always durable.
     async_ack_commit: bool = True
@@ -105,7 +109,7 @@ class TransportOptions:
                      "keepalives_interval", "keepalives_count"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"transport option {name!r} must be >= 1")
-        for name in ("retention", "notify_throttle"):
+        for name in ("retention", "notify_throttle", "routing_cache_ttl"):
             if getattr(self, name) < 0:
                 raise ConfigurationError(f"transport option {name!r} must be >= 0")
 

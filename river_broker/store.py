@@ -80,6 +80,8 @@ class Store:
         self.listening = False
         self._async_session = False
         self._last_notify: dict[str, float] = {}
+        #: Queues this session consumes (registered in queue_consumer under consumer_id).
+        self.consuming: set[str] = set()
         self._notify_handler: Callable[[str], None] | None = None
 
     # -- session ---------------------------------------------------------------------------
@@ -324,6 +326,9 @@ class Store:
                 ).fetchone()
                 assert row is not None
                 self.consumer_id = int(row[0])
+                if self.consuming:  # a new session: its queues are registered again
+                    self._execute("register_queue_consumers",
+                                  {"queues": sorted(self.consuming), "owner": self.consumer_id})
                 # A queue table's statistics are always stale (empty a second ago, 1M rows
                 # now, a queue ANALYZE never saw): with default selectivities the planner
                 # expects a handful of rows and sorts the whole queue on every fetch (10 ms at
@@ -510,9 +515,14 @@ class Store:
 
     # -- queues ----------------------------------------------------------------------------
 
-    def declare_queue(self, queue: str, arguments: dict[str, Any] | None = None) -> None:
+    def declare_queue(self, queue: str, arguments: dict[str, Any] | None = None, *,
+                      auto_delete: bool = False, expires_ms: int | None = None,
+                      message_ttl_ms: int | None = None) -> None:
         with self.lock:
-            self._execute("declare_queue", {"queue": queue, "arguments": Jsonb(arguments or {})})
+            self._execute("declare_queue", {
+                "queue": queue, "arguments": Jsonb(arguments or {}), "auto_delete": auto_delete,
+                "expires_ms": expires_ms, "message_ttl_ms": message_ttl_ms,
+            })
 
     def queue_exists(self, queue: str) -> bool:
         with self.lock:
@@ -539,6 +549,119 @@ class Store:
                 self._execute("delete_queue_messages", {"queue": queue})
                 self._execute("delete_queue", {"queue": queue})
                 self.repair_sequences()
+
+
+    # -- broadcast: exchanges, bindings, routed publishes, queue lifetimes -----------------
+
+    def declare_exchange(self, exchange: str, kind: str) -> str:
+        """Create the exchange (or find it); returns its stored type."""
+        with self.lock:
+            row = self._execute("declare_exchange",
+                                {"exchange": exchange, "type": kind}).fetchone()
+        return str(row[0]) if row else kind
+
+    def exchange_type(self, exchange: str) -> str | None:
+        with self.lock:
+            row = self._execute("exchange_type", {"exchange": exchange}).fetchone()
+        return str(row[0]) if row else None
+
+    def delete_exchange(self, exchange: str) -> None:
+        with self.lock:
+            self._execute("delete_exchange", {"exchange": exchange})
+
+    def bind_queue(self, exchange: str, routing_key: str, pattern: str | None,
+                   queue: str) -> None:
+        params = {"exchange": exchange, "routing_key": routing_key or "", "pattern": pattern,
+                  "queue": queue}
+        with self.lock:
+            try:
+                self._execute("bind_queue", params)
+            except psycopg.errors.ForeignKeyViolation:
+                raise MessageError(
+                    f"cannot bind queue {queue!r} to exchange {exchange!r}: the queue does not "
+                    "exist (declare it first)") from None
+
+    def unbind_queue(self, exchange: str, routing_key: str, queue: str) -> None:
+        with self.lock:
+            self._execute("unbind_queue", {"exchange": exchange,
+                                           "routing_key": routing_key or "", "queue": queue})
+
+    def exchange_bindings(self, exchange: str) -> list[tuple[str, str | None, str]]:
+        with self.lock:
+            return [(r[0], r[1], r[2]) for r in
+                    self._execute("exchange_bindings", {"exchange": exchange}).fetchall()]
+
+    def publish_routed(self, kind: str, exchange: str, routing_key: str, row: OutgoingRow,
+                       *, durable: bool) -> int:
+        """One row per queue bound to ``exchange`` that matches; returns how many."""
+        params = row.params()
+        params.update(kind=kind, exchange=exchange, routing_key=routing_key or "",
+                      durable=durable, channel=self.options.notify_channel,
+                      notify=self._should_notify(f"{exchange}\0{routing_key}"))
+        with self.lock:
+            try:
+                result = self._execute("publish_routed", params).fetchone()
+            except (psycopg.errors.DataError, psycopg.errors.CheckViolation) as exc:
+                raise MessageError(f"message for exchange {exchange!r} rejected: {exc}") \
+                    from None
+        return int(result[0]) if result else 0
+
+    def fetch_noack(self, queue: str, limit: int) -> list[LeasedRow]:
+        """Take up to ``limit`` messages, finished as they are taken (no_ack consumers)."""
+        params = {"queue": queue, "limit": max(limit, 0),
+                  "retain": self.options.retention > 0}
+        with self.lock:
+            rows = [LeasedRow(*r) for r in self._execute("fetch_noack", params).fetchall()]
+            heads = [r.id for r in rows if r.sequenced]
+            if heads:  # the next message of their keys may run now
+                conn = self.connect()
+                with conn.transaction():
+                    self._promote_after(heads)
+        return rows
+
+    def consume_queue(self, queue: str) -> None:
+        """Register this session as a consumer of ``queue`` (x-expires, auto-delete)."""
+        with self.lock:
+            self.consuming.add(queue)
+            owner = self.register_consumer()
+            self._execute("register_queue_consumers", {"queues": [queue], "owner": owner})
+
+    def cancel_queue(self, queue: str) -> bool:
+        """Unregister; an auto-delete queue without other consumers is deleted. Returns
+        whether the queue was deleted."""
+        with self.lock:
+            self.consuming.discard(queue)
+            if self.consumer_id is None or not self.connected:
+                return False
+            conn = self.connect()
+            with conn.transaction():
+                row = self._execute("unregister_queue_consumer",
+                                    {"queue": queue, "owner": self.consumer_id}).fetchone()
+                if not (row and row[0]):
+                    return False
+                self._drop_queues([queue])
+        return True
+
+    def clean_queues(self, limit: int = 100) -> list[str]:
+        """Forget consumers whose session died; delete queues whose lifetime is over."""
+        with self.lock:
+            conn = self.connect()
+            owner = self.consumer_id if self.consumer_id is not None else 0
+            self._execute("reap_dead_queue_consumers", {"self": owner, "ns": self.ns})
+            with conn.transaction():
+                names = [r[0] for r in self._execute("unused_queues", {"limit": limit})]
+                if names:
+                    self._drop_queues(names)
+        if names:
+            logger.info("river_broker: deleted %d unused queue(s) (auto-delete or x-expires): %s",
+                        len(names), ", ".join(names[:10]))
+        return names
+
+    def _drop_queues(self, names: list[str]) -> None:
+        """Inside a transaction: delete these queues and their waiting messages."""
+        rows = self._execute("drop_queues", {"queues": names}).fetchall()
+        if any(r[1] for r in rows):  # messages went: maybe a sequence's head among them
+            self.repair_sequences()
 
 
 #: Statements that can move a message back into a unique state (see _execute_giving_up_key).

@@ -17,11 +17,14 @@ from queue import Empty
 from typing import Any
 
 import psycopg
+from kombu.exceptions import ChannelError
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
+from kombu.transport.virtual import exchange as virtual_exchange
 
 from .conninfo import conninfo_from_client
 from .consumer import Consumer, QueueSlot
-from .errors import ConfigurationError, SchemaError
+from .errors import ConfigurationError, MessageError, SchemaError
 from .message import from_row, parse_delivery_tag, to_row
 from .options import TransportOptions
 from .store import LeasedRow, Store, Token
@@ -73,12 +76,25 @@ class QoS(virtual.QoS):
         return []
 
 
+class TopicExchange(virtual_exchange.TopicExchange):
+    """Topic routing happens in the database: the bindings of every process count."""
+
+    def deliver(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> None:
+        self.channel._put_routed("topic", exchange, message, routing_key)
+
+
+EXCHANGE_TYPES = {**virtual_exchange.STANDARD_EXCHANGE_TYPES, "topic": TopicExchange}
+
+
 class Channel(virtual.Channel):
     """Kombu channel over the river_broker store."""
 
     QoS = QoS
     do_restore = True
     connection: Transport
+    #: Bindings are shared through the database (Kombu calls _queue_bind and _put_fanout).
+    supports_fanout = True
+    exchange_types = EXCHANGE_TYPES
 
     @property
     def store(self) -> Store:
@@ -96,6 +112,120 @@ class Channel(virtual.Channel):
         if not result.inserted:
             record_duplicate(row, result.duplicate_of)
 
+    def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,
+                    **kwargs: Any) -> None:
+        self._put_routed("fanout", exchange, message, routing_key)
+
+    def _put_routed(self, kind: str, exchange: str, message: dict[str, Any],
+                    routing_key: str) -> None:
+        """Fanout and topic publishes: one row per bound queue, routed by the database."""
+        if self.connection.collecting is not None:
+            raise MessageError(
+                f"river_broker.enqueue_many cannot publish to the {kind} exchange "
+                f"{exchange!r}: batches go to queues through direct exchanges only")
+        row = to_row("", message)
+        if row.sequence_key is not None or row.unique_key is not None:
+            raise MessageError(
+                f"sequence and unique keys apply to one queue: a message published to the "
+                f"{kind} exchange {exchange!r} (one copy per bound queue) cannot carry them")
+        delivery_mode = (message.get("properties") or {}).get("delivery_mode")
+        self.store.publish_routed(kind, exchange, routing_key, row,
+                                  durable=delivery_mode not in (1, "transient"))
+
+    # -- exchanges and bindings (shared through the database) ------------------------------
+
+    def exchange_declare(self, exchange: str | None = None, type: str = "direct",
+                         durable: bool = False, auto_delete: bool = False,
+                         arguments: Any = None, nowait: bool = False,
+                         passive: bool = False) -> None:
+        type = type or "direct"
+        exchange = exchange or f"amq.{type}"
+        if type not in self.exchange_types:
+            raise ConfigurationError(
+                f"exchange {exchange!r}: type {type!r} is not supported by river_broker "
+                f"(supported: {', '.join(sorted(self.exchange_types))})")
+        if passive:
+            if exchange not in self.state.exchanges:
+                stored = self.connection.exchange_kind(exchange)
+                if stored is None:
+                    return super().exchange_declare(exchange, type, durable, auto_delete,
+                                                    arguments, nowait, passive)
+                self.state.exchanges[exchange] = {
+                    "type": stored, "durable": durable, "auto_delete": auto_delete,
+                    "arguments": arguments or {}, "table": [],
+                }
+            return None
+        super().exchange_declare(exchange, type, durable, auto_delete, arguments, nowait,
+                                 passive)
+        self.connection.declare_exchange(exchange, type)
+        return None
+
+    def exchange_delete(self, exchange: str, if_unused: bool = False,
+                        nowait: bool = False) -> None:
+        super().exchange_delete(exchange, if_unused=if_unused, nowait=nowait)
+        self.store.delete_exchange(exchange)
+        self.connection.forget_exchange(exchange)
+
+    def queue_bind(self, queue: str, exchange: str | None = None, routing_key: str = "",
+                   arguments: Any = None, **kwargs: Any) -> None:
+        exchange = exchange or "amq.direct"
+        if exchange not in self.state.exchanges:
+            self.exchange_declare(exchange, passive=True)  # known in the database?
+        super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
+        # Written every time, not only when this process first binds: Kombu's binding state
+        # is per process and outlives the database rows (a queue that expired meanwhile).
+        rkey, pattern, _ = self.typeof(exchange).prepare_bind(queue, exchange, routing_key,
+                                                              arguments)
+        self.store.bind_queue(exchange, rkey, pattern, queue)
+        self.connection.forget_routes(exchange)
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str | None,
+                    queue: str) -> None:
+        """Written by queue_bind above (every time, not only on the first local bind)."""
+
+    def queue_unbind(self, queue: str, exchange: str | None = None, routing_key: str = "",
+                     arguments: Any = None, **kwargs: Any) -> None:
+        exchange = exchange or "amq.direct"
+        with contextlib.suppress(KeyError):  # not bound in this process: the database counts
+            super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
+        self.store.unbind_queue(exchange, routing_key, queue)
+        self.connection.forget_routes(exchange)
+
+    def get_table(self, exchange: str) -> list[tuple[str, str | None, str]]:
+        """The bindings of ``exchange`` in the database (every process's)."""
+        return self.connection.routing_table(exchange)
+
+    def typeof(self, exchange: str, default: str = "direct") -> Any:
+        if exchange and exchange not in self.state.exchanges:
+            stored = self.connection.exchange_kind(exchange)
+            if stored is not None:
+                return self.exchange_types[stored]
+        return super().typeof(exchange, default)
+
+    def _lookup(self, exchange: str, routing_key: str, default: str | None = None) -> list[str]:
+        """Queues for a direct publish: the cached bindings; on a miss, read them again (a
+        queue another process bound a moment ago, such as a ``celery inspect`` reply
+        queue), then Kombu's dead-letter handling."""
+        if exchange:
+            kind = self.typeof(exchange)
+            found = kind.lookup(self.get_table(exchange), exchange, routing_key, default)
+            if not found:
+                self.connection.forget_routes(exchange)
+                found = kind.lookup(self.get_table(exchange), exchange, routing_key, default)
+            if found:
+                return list(found)
+        return list(super()._lookup(exchange, routing_key, default))
+
+    def list_bindings(self) -> Any:
+        return ((queue, exchange, rkey)
+                for exchange in self.state.exchanges
+                for rkey, _, queue in self.get_table(exchange))
+
+    def after_reply_message_received(self, queue: str) -> None:
+        """Kombu's virtual transports delete a reply queue here; like RabbitMQ, river_broker
+        leaves that to the queue's auto-delete (when its consumer is cancelled) and
+        x-expires, so a reply queue declared once per connection is not lost."""
+
     # -- consuming -------------------------------------------------------------------------
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
@@ -110,12 +240,19 @@ class Channel(virtual.Channel):
             redelivered=row.redelivered, priority=row.priority, sequenced=row.sequenced,
         )
 
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        if not no_ack:
+            return super().basic_get(queue, no_ack, **kwargs)
+        rows = self.store.fetch_noack(queue, 1)
+        return self.Message(self._to_message(rows[0]), channel=self) if rows else None
+
     def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str,
                       **kwargs: Any) -> Any:
         result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self.store.consume_queue(queue)  # registered: x-expires and auto-delete see it
         self.connection.consumer.add_queue(
             QueueSlot(name=queue, limit=self._room, deliver=partial(self._deliver_row, queue),
-                      prefetch=lambda: self.qos.prefetch_count or 0)
+                      prefetch=lambda: self.qos.prefetch_count or 0, no_ack=no_ack)
         )
         return result
 
@@ -124,6 +261,12 @@ class Channel(virtual.Channel):
         result = super().basic_cancel(consumer_tag)
         if queue is not None and self.connection is not None:
             self.connection.consumer.remove_queue(queue)
+            try:
+                if self.store.cancel_queue(queue):  # auto-delete: its last consumer left
+                    self.connection.forget_routes()
+            except Transport.connection_errors as exc:
+                # Closing a broken connection: the registration is reaped with the session.
+                logger.debug("river_broker: consumer of %s not unregistered (%s)", queue, exc)
         return result
 
     def _room(self) -> int:
@@ -137,8 +280,18 @@ class Channel(virtual.Channel):
 
     # -- queues ----------------------------------------------------------------------------
 
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        """Queue(expires=..., message_ttl=...) become x-expires / x-message-ttl (ms)."""
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        self.store.declare_queue(queue, _json_safe(kwargs.get("arguments")))
+        arguments = kwargs.get("arguments") or {}
+        self.store.declare_queue(
+            queue, _json_safe(arguments), auto_delete=bool(kwargs.get("auto_delete")),
+            expires_ms=_milliseconds(queue, "x-expires", arguments.get("x-expires")),
+            message_ttl_ms=_milliseconds(queue, "x-message-ttl",
+                                         arguments.get("x-message-ttl")),
+        )
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return self.store.queue_exists(queue)
@@ -150,7 +303,7 @@ class Channel(virtual.Channel):
         return self.store.purge_queue(queue)
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        """Bindings are per process (until fanout lands); queue_delete removes the rows."""
+        """queue_delete removes the queue's row, its bindings and its waiting messages."""
 
     def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False,
                      **kwargs: Any) -> None:
@@ -158,6 +311,7 @@ class Channel(virtual.Channel):
             return
         super().queue_delete(queue, if_unused=if_unused, if_empty=if_empty, **kwargs)
         self.store.delete_queue(queue)
+        self.connection.forget_routes()
 
 
 class Transport(virtual.Transport):
@@ -174,7 +328,8 @@ class Transport(virtual.Transport):
 
     implements = virtual.Transport.implements.extend(
         asynchronous=True,
-        exchange_type=frozenset(["direct"]),
+        # fanout makes Celery enable remote control (pidbox) and events consumers.
+        exchange_type=frozenset(["direct", "topic", "fanout"]),
         heartbeats=False,
     )
 
@@ -201,6 +356,11 @@ class Transport(virtual.Transport):
         self._wake_w: int | None = None
         #: Set by river_broker.enqueue_many: publishes are collected here, not inserted.
         self.collecting: list[Any] | None = None
+        # Routing read from the database: exchange -> (read at, bindings) and -> (read at,
+        # type); exchanges this connection declared in the database.
+        self._tables: dict[str, tuple[float, list[tuple[str, str | None, str]]]] = {}
+        self._kinds: dict[str, tuple[float, str | None]] = {}
+        self._declared: set[str] = set()
 
     # -- connection ------------------------------------------------------------------------
 
@@ -228,6 +388,50 @@ class Transport(virtual.Transport):
 
     def driver_version(self) -> str:
         return psycopg.__version__
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def declare_exchange(self, exchange: str, kind: str) -> None:
+        if exchange in self._declared:
+            return
+        stored = self.store.declare_exchange(exchange, kind)
+        if stored != kind:
+            raise ChannelError(
+                f"PRECONDITION_FAILED - exchange {exchange!r} exists with type {stored!r}, "
+                f"declared here as {kind!r}")
+        self._declared.add(exchange)
+        self._kinds[exchange] = (time.monotonic(), kind)
+
+    def forget_exchange(self, exchange: str) -> None:
+        self._declared.discard(exchange)
+        self._kinds.pop(exchange, None)
+        self._tables.pop(exchange, None)
+
+    def exchange_kind(self, exchange: str) -> str | None:
+        """The type of an exchange this process did not declare (cached; None: unknown)."""
+        now = time.monotonic()
+        cached = self._kinds.get(exchange)
+        if cached is not None and (cached[1] is not None
+                                   or now - cached[0] < self.options.routing_cache_ttl):
+            return cached[1]
+        kind = self.store.exchange_type(exchange)
+        self._kinds[exchange] = (now, kind)
+        return kind
+
+    def routing_table(self, exchange: str) -> list[tuple[str, str | None, str]]:
+        now = time.monotonic()
+        cached = self._tables.get(exchange)
+        if cached is not None and now - cached[0] < self.options.routing_cache_ttl:
+            return cached[1]
+        table = self.store.exchange_bindings(exchange)
+        self._tables[exchange] = (now, table)
+        return table
+
+    def forget_routes(self, exchange: str | None = None) -> None:
+        if exchange is None:
+            self._tables.clear()
+        else:
+            self._tables.pop(exchange, None)
 
     # -- acks ------------------------------------------------------------------------------
 
@@ -352,6 +556,19 @@ class Transport(virtual.Transport):
         if wake < self._timer_at - 0.001:
             self._timer_at = wake
             self._loop.call_later(max(wake - time.monotonic(), 0.0), self._on_timer)
+
+
+def _milliseconds(queue: str, name: str, value: Any) -> int | None:
+    """x-expires / x-message-ttl: a whole number of milliseconds (Kombu converts seconds)."""
+    if value is None:
+        return None
+    least = 1 if name == "x-expires" else 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < least:
+        kind = "positive" if least else "non-negative"
+        raise ConfigurationError(
+            f"queue {queue!r}: argument {name!r} must be a {kind} number of milliseconds, "
+            f"got {value!r}")
+    return int(value)
 
 
 def _json_safe(arguments: Any) -> dict[str, Any]:

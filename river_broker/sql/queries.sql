@@ -9,7 +9,7 @@
 -- returned (duplicate_of). A retry (same task id) of a running unique message first releases
 -- the key from the running row. The NOTIFY is sent in the same transaction (only when asked:
 -- publishers throttle their notifications per queue).
--- Index: message_unique_idx (release, conflict, holder).
+-- Index: message_unique_idx (release, conflict, holder); queue primary key (x-message-ttl).
 WITH released AS (
     UPDATE {schema}.message AS m
     SET unique_key = NULL
@@ -34,8 +34,11 @@ WITH released AS (
         CASE WHEN %(run_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
         %(priority)s,
         coalesce(%(run_at)s::timestamptz, now()),
-        CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
-             ELSE now() + make_interval(secs => %(ttl)s::float8) END,
+        -- The message's own TTL or its queue's x-message-ttl, whichever ends first.
+        least(CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
+                   ELSE now() + make_interval(secs => %(ttl)s::float8) END,
+              (SELECT now() + q.message_ttl_ms * interval '1 millisecond'
+               FROM {schema}.queue AS q WHERE q.name = %(queue)s)),
         %(task_id)s,
         %(task_name)s,
         %(payload)s,
@@ -100,7 +103,9 @@ WITH input AS (
            CASE WHEN run_at > now() THEN 'scheduled' ELSE 'available' END,
            priority,
            coalesce(run_at, now()),
-           CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
+           least(CASE WHEN ttl IS NULL THEN NULL ELSE now() + make_interval(secs => ttl) END,
+                 (SELECT now() + q.message_ttl_ms * interval '1 millisecond'
+                  FROM {schema}.queue AS q WHERE q.name = input.queue)),
            task_id, task_name, payload, unique_key, unique_states, unique_until
     FROM input, (SELECT count(*) FROM expired) AS after_expiry
     ORDER BY ord
@@ -353,10 +358,15 @@ WHERE id IN (
 );
 
 -- name: declare_queue
+-- queue.declare: creates the queue or takes the latest declaration's lifetimes; a declaration
+-- counts as use (the x-expires clock starts again), as in RabbitMQ.
 -- Index: queue primary key.
-INSERT INTO {schema}.queue (name, arguments)
-VALUES (%(queue)s, %(arguments)s)
-ON CONFLICT (name) DO NOTHING;
+INSERT INTO {schema}.queue AS q (name, arguments, auto_delete, expires_ms, message_ttl_ms)
+VALUES (%(queue)s, %(arguments)s, %(auto_delete)s, %(expires_ms)s, %(message_ttl_ms)s)
+ON CONFLICT (name) DO UPDATE
+SET arguments = EXCLUDED.arguments, auto_delete = EXCLUDED.auto_delete,
+    expires_ms = EXCLUDED.expires_ms, message_ttl_ms = EXCLUDED.message_ttl_ms,
+    last_used_at = now();
 
 -- name: queue_exists
 SELECT EXISTS (SELECT 1 FROM {schema}.queue WHERE name = %(queue)s)
@@ -622,3 +632,220 @@ RETURNING m.id;
 -- A discarded head whose key moved on (continue_on_discard) is not kept when retention is 0.
 DELETE FROM {schema}.message
 WHERE id = ANY(%(ids)s::bigint[]) AND state = 'discarded' AND continue_on_discard;
+
+-- ---------------------------------------------------------------------------------------------
+-- Broadcast (SPEC §6): exchanges, bindings, routed publishes, queue lifetimes.
+-- ---------------------------------------------------------------------------------------------
+
+-- name: declare_exchange
+-- exchange.declare: returns the type the exchange has (the stored one when it existed).
+-- Index: exchange primary key.
+WITH created AS (
+    INSERT INTO {schema}.exchange (name, type) VALUES (%(exchange)s, %(type)s)
+    ON CONFLICT (name) DO NOTHING
+    RETURNING type
+)
+SELECT type FROM created
+UNION ALL
+SELECT e.type FROM {schema}.exchange AS e
+WHERE e.name = %(exchange)s AND NOT EXISTS (SELECT 1 FROM created);
+
+-- name: exchange_type
+-- Index: exchange primary key.
+SELECT type FROM {schema}.exchange WHERE name = %(exchange)s;
+
+-- name: delete_exchange
+-- exchange.delete: the exchange and its bindings (the queues stay).
+-- Index: exchange primary key; binding primary key (exchange first).
+WITH unbound AS (
+    DELETE FROM {schema}.binding WHERE exchange = %(exchange)s
+)
+DELETE FROM {schema}.exchange WHERE name = %(exchange)s;
+
+-- name: bind_queue
+-- queue.bind. The queue must exist (foreign key): binding an undeclared queue is an error.
+-- Index: binding primary key.
+INSERT INTO {schema}.binding (exchange, routing_key, queue, pattern)
+VALUES (%(exchange)s, %(routing_key)s, %(queue)s, %(pattern)s)
+ON CONFLICT (exchange, routing_key, queue) DO UPDATE SET pattern = EXCLUDED.pattern;
+
+-- name: unbind_queue
+-- Index: binding primary key.
+DELETE FROM {schema}.binding
+WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s AND queue = %(queue)s;
+
+-- name: exchange_bindings
+-- The routing table of one exchange, as Kombu's get_table: (routing_key, pattern, queue).
+-- Index: binding primary key (exchange first).
+SELECT routing_key, pattern, queue FROM {schema}.binding WHERE exchange = %(exchange)s;
+
+-- name: publish_routed
+-- Publish to a fanout or topic exchange (or a direct one, for callers that route in SQL): one
+-- row per bound queue whose binding matches, in one statement, so routing is what the
+-- database holds at that instant. A topic binding matches by its pattern (a regular
+-- expression, ~). Transient messages (delivery_mode 1: Celery's events and remote control)
+-- commit without waiting for the WAL flush; persistent ones are durable when this returns.
+-- The queue's x-message-ttl applies. One NOTIFY per queue that received a ready message.
+-- Index: binding primary key (exchange first); queue primary key.
+WITH commit_mode AS (
+    SELECT set_config('synchronous_commit',
+                      CASE WHEN %(durable)s::boolean THEN 'on' ELSE 'off' END, true) AS mode
+), targets AS (
+    SELECT DISTINCT b.queue
+    FROM {schema}.binding AS b
+    WHERE b.exchange = %(exchange)s
+      AND CASE %(kind)s::text
+              WHEN 'fanout' THEN true
+              WHEN 'topic' THEN %(routing_key)s::text ~ b.pattern
+              ELSE b.routing_key = %(routing_key)s::text
+          END
+), inserted AS (
+    INSERT INTO {schema}.message
+        (queue, state, priority, run_at, expires_at, task_id, task_name, payload)
+    SELECT t.queue,
+           CASE WHEN %(run_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
+           %(priority)s,
+           coalesce(%(run_at)s::timestamptz, now()),
+           least(CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
+                      ELSE now() + make_interval(secs => %(ttl)s::float8) END,
+                 now() + q.message_ttl_ms * interval '1 millisecond'),
+           %(task_id)s,
+           %(task_name)s,
+           %(payload)s
+    FROM targets AS t
+    CROSS JOIN commit_mode
+    LEFT JOIN {schema}.queue AS q ON q.name = t.queue
+    RETURNING queue, state, run_at
+)
+SELECT count(*) AS delivered,
+       count(CASE WHEN %(notify)s::boolean THEN
+                  pg_notify(%(channel)s, CASE WHEN state = 'scheduled'
+                                              THEN 's' || extract(epoch FROM run_at)::text || ' '
+                                              ELSE 'a' END || queue)
+             END) AS woken
+FROM inserted;
+
+-- name: fetch_noack
+-- basic_consume / basic_get with no_ack: the messages are finished as they are taken (deleted,
+-- or kept as 'completed' when retained or unique while completed); at most once, as AMQP's
+-- no_ack. Sequenced rows come back flagged: the caller promotes the next of their keys.
+-- Index: message_fetch_idx (queue, priority DESC, id) WHERE state = 'available'.
+WITH picked AS (
+    SELECT id
+    FROM {schema}.message
+    WHERE state = 'available'
+      AND queue = %(queue)s
+      AND (expires_at IS NULL OR expires_at > now())
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), deleted AS (
+    DELETE FROM {schema}.message AS m
+    USING picked
+    WHERE m.id = picked.id
+      AND NOT %(retain)s::boolean AND coalesce(m.unique_states & 16, 0) = 0
+    RETURNING m.id, m.attempt + 1 AS attempt, m.redelivered, m.payload, m.priority,
+              m.sequence_key IS NOT NULL AS sequenced
+), kept AS (
+    UPDATE {schema}.message AS m
+    SET state = 'completed', attempt = m.attempt + 1, reserved_at = now(), finished_at = now()
+    FROM picked
+    WHERE m.id = picked.id
+      AND (%(retain)s::boolean OR coalesce(m.unique_states & 16, 0) <> 0)
+    RETURNING m.id, m.attempt, m.redelivered, m.payload, m.priority,
+              m.sequence_key IS NOT NULL AS sequenced
+)
+SELECT * FROM (SELECT * FROM deleted UNION ALL SELECT * FROM kept) AS taken
+ORDER BY priority DESC, id;
+
+-- name: register_queue_consumers
+-- basic_consume: this session (consumer %(owner)s, advisory-locked) consumes these queues.
+-- Index: queue_consumer primary key; queue primary key.
+WITH registered AS (
+    INSERT INTO {schema}.queue_consumer (queue, consumer_id)
+    SELECT name, %(owner)s FROM unnest(%(queues)s::text[]) AS q(name)
+    ON CONFLICT (queue, consumer_id) DO NOTHING
+)
+UPDATE {schema}.queue
+SET consumed = true, last_used_at = now()
+WHERE name = ANY(%(queues)s::text[]);
+
+-- name: unregister_queue_consumer
+-- basic_cancel: returns whether the queue is now to be deleted (auto-delete, and no other
+-- consumer is registered).
+-- Index: queue_consumer primary key; queue primary key.
+WITH gone AS (
+    DELETE FROM {schema}.queue_consumer
+    WHERE queue = %(queue)s AND consumer_id = %(owner)s
+    RETURNING queue
+), touched AS (
+    UPDATE {schema}.queue AS q
+    SET last_used_at = now()
+    WHERE q.name = %(queue)s AND EXISTS (SELECT 1 FROM gone)
+    RETURNING q.auto_delete
+)
+SELECT t.auto_delete
+       AND NOT EXISTS (SELECT 1 FROM {schema}.queue_consumer AS c
+                       WHERE c.queue = %(queue)s AND c.consumer_id <> %(owner)s)
+FROM touched AS t;
+
+-- name: reap_dead_queue_consumers
+-- Consumer registrations whose session is gone (its advisory lock is free, as for orphaned
+-- leases) are removed; their queues count as used until now (x-expires starts from here).
+-- Index: queue_consumer_owner_idx; queue primary key.
+WITH owners AS (
+    SELECT DISTINCT consumer_id AS owner
+    FROM {schema}.queue_consumer
+    WHERE consumer_id <> %(self)s
+), dead AS (
+    SELECT owner FROM owners WHERE pg_try_advisory_xact_lock(%(ns)s, owner)
+), reaped AS (
+    DELETE FROM {schema}.queue_consumer AS c
+    USING dead
+    WHERE c.consumer_id = dead.owner
+    RETURNING c.queue
+)
+UPDATE {schema}.queue AS q
+SET last_used_at = now()
+FROM (SELECT DISTINCT queue FROM reaped) AS r
+WHERE q.name = r.queue
+RETURNING q.name;
+
+-- name: unused_queues
+-- Queues whose lifetime is over: x-expires passed without consumers or declarations, or
+-- auto-delete queues whose consumers all left. Locked until the caller drops them.
+-- Index: queue_lifetime_idx; queue_consumer primary key.
+SELECT q.name
+FROM {schema}.queue AS q
+WHERE (q.expires_ms IS NOT NULL OR q.auto_delete)
+  AND ((q.expires_ms IS NOT NULL
+        AND q.last_used_at + q.expires_ms * interval '1 millisecond' <= now())
+       OR (q.auto_delete AND q.consumed))
+  AND NOT EXISTS (SELECT 1 FROM {schema}.queue_consumer AS c WHERE c.queue = q.name)
+ORDER BY q.name
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED;
+
+-- name: drop_queues
+-- Delete queues that ended (auto-delete, x-expires): the queue, its bindings (cascade), its
+-- consumer registrations and its waiting messages. Sequence keys whose head went are
+-- repaired by the caller (stale_sequence_heads).
+-- Index: queue primary key; queue_consumer primary key; message_fetch_idx and
+-- message_scheduled_idx (both lead with queue).
+WITH gone AS (
+    DELETE FROM {schema}.queue WHERE name = ANY(%(queues)s::text[]) RETURNING name
+), consumers AS (
+    DELETE FROM {schema}.queue_consumer WHERE queue = ANY(%(queues)s::text[])
+), ready AS (
+    DELETE FROM {schema}.message AS m
+    USING gone
+    WHERE m.state = 'available' AND m.queue = gone.name
+    RETURNING m.id
+), later AS (
+    DELETE FROM {schema}.message AS m
+    USING gone
+    WHERE m.state = 'scheduled' AND m.queue = gone.name
+    RETURNING m.id
+)
+SELECT name, (SELECT count(*) FROM ready) + (SELECT count(*) FROM later) AS dropped
+FROM gone;

@@ -183,7 +183,7 @@ class Consumer:
         """A finished sequence head promotes the next message of its key in the ack's own
         transaction: fetch in that same transaction instead of waiting for its NOTIFY."""
         if self.completer.urgent() and not self._busy():
-            self._dirty.update(self.slots)
+            self._dirty.update(n for n, slot in self.slots.items() if not slot.no_ack)
             return True
         return False
 
@@ -215,6 +215,8 @@ class Consumer:
         can ride with the next batched refill, moments away, instead of a round trip each."""
         busy = False
         for slot in self.slots.values():
+            if slot.no_ack:  # remote control and events: no prefetch, no acks
+                continue
             prefetch = slot.prefetch()
             if not prefetch:
                 return False

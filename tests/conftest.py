@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,15 +147,19 @@ class TaskLog:
 class Worker:
     """A real ``celery worker`` subprocess in its own process group."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], logfile: Path):
+    #: Worker bootsteps most tests switch off (start-up time, event traffic).
+    DEFAULT_WITHOUT = ("gossip", "mingle", "heartbeat")
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], logfile: Path,
+                 without: tuple[str, ...] = DEFAULT_WITHOUT):
         self.name = name
+        self.nodename = f"{name}@{socket.gethostname()}"
         self.logfile = logfile
         self._out = open(logfile, "wb")  # noqa: SIM115 (closed in stop())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.apps.tasks", "worker",
-             "-n", f"{name}@%h", "--without-gossip", "--without-mingle",
-             "--without-heartbeat", "-l", os.environ.get("RIVER_TEST_WORKER_LOGLEVEL", "INFO"),
-             *args],
+             "-n", f"{name}@%h", *(f"--without-{step}" for step in without),
+             "-l", os.environ.get("RIVER_TEST_WORKER_LOGLEVEL", "INFO"), *args],
             cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -211,9 +216,10 @@ def start_worker(worker_env: dict[str, str], tmp_path: Path) -> Iterator[Callabl
     workers: list[Worker] = []
 
     def start(*args: str, name: str | None = None, env: dict[str, str] | None = None,
-              wait: bool = True) -> Worker:
+              wait: bool = True, without: tuple[str, ...] = Worker.DEFAULT_WITHOUT) -> Worker:
         name = name or f"w{len(workers) + 1}"
-        w = Worker(name, list(args), {**worker_env, **(env or {})}, tmp_path / f"{name}.log")
+        w = Worker(name, list(args), {**worker_env, **(env or {})}, tmp_path / f"{name}.log",
+                   without=without)
         workers.append(w)
         if wait:
             w.wait_ready()

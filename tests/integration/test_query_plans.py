@@ -69,3 +69,38 @@ def test_consumer_fetch_uses_the_index_on_a_never_analyzed_table(dsn, schema):
             assert "Bitmap" not in plan and "Seq Scan" not in plan and '"Sort"' not in plan
     finally:
         store.close()
+
+
+def test_broadcast_queries_use_their_indexes(dsn, schema):
+    """Routed publishes, no_ack fetches and queue cleaning on a 100k-row table, planned in a
+    consumer session (where the cleaner and the no_ack fetch run)."""
+    from river_broker.options import TransportOptions
+    from river_broker.store import Store
+
+    store = Store(dsn, TransportOptions.from_transport_options({"schema": schema}))
+    try:
+        store.register_consumer()
+        conn = store.conn
+        _fill(conn, schema)
+        q = queries_for(schema)
+        row = {"priority": 0, "run_at": None, "ttl": None, "task_id": None, "task_name": None,
+               "payload": "{}", "durable": False, "notify": True, "channel": "x"}
+        for kind in ("fanout", "topic", "direct"):
+            routed = _plan(conn, q["publish_routed"],
+                           {**row, "kind": kind, "exchange": "celeryev", "routing_key": "a.b"})
+            assert "binding_pkey" in routed and "Seq Scan" not in routed
+        noack = _plan(conn, q["fetch_noack"], {"queue": "celery", "limit": 10, "retain": False})
+        assert "message_fetch_idx" in noack and "Seq Scan" not in noack
+        drop = _plan(conn, q["drop_queues"], {"queues": ["other"]})
+        assert "message_fetch_idx" in drop and "message_scheduled_idx" in drop
+        assert "Seq Scan on message" not in drop
+        unused = _plan(conn, q["unused_queues"], {"limit": 100})
+        assert "queue_lifetime_idx" in unused
+        reap = _plan(conn, q["reap_dead_queue_consumers"], {"self": 1, "ns": 1})
+        assert "queue_consumer_owner_idx" in reap
+        insert = _plan(conn, q["insert_message"],
+                       {**row, "queue": "celery", "unique_key": None, "unique_states": None,
+                        "unique_until": None})
+        assert "queue_pkey" in insert  # the queue's x-message-ttl: one primary-key probe
+    finally:
+        store.close()

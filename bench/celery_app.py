@@ -9,6 +9,7 @@ Every broker is driven through the same app; only the environment differs:
 * ``BENCH_READY_FILE``: the worker writes ``time.time()`` there once it consumes (worker_ready).
 * ``BENCH_LATENCY_FILE``: :func:`stamp` appends ``time.time() - sent`` there, one line a task.
 * ``BENCH_PREFETCH``: worker_prefetch_multiplier, 4 unless set (for experiments only).
+* ``BENCH_REMOTE_CONTROL``: ``1`` enables Celery's remote control (bench/broadcast.py).
 
 ``bench/run.py`` also builds apps with :func:`make_app` to publish with the same settings.
 """
@@ -31,7 +32,8 @@ STAMP = "bench.stamp"
 def make_app(
     broker_url: str, transport_options: dict[str, Any] | None = None, queue: str = "celery"
 ) -> Celery:
-    """The benchmark app: acks late, prefetch multiplier 4, no result backend, no remote control."""
+    """The benchmark app: acks late, prefetch multiplier 4, no result backend, remote control
+    only with ``BENCH_REMOTE_CONTROL=1``."""
     app = Celery("river_bench", set_as_current=False)
     app.conf.update(
         broker_url=broker_url,
@@ -43,8 +45,9 @@ def make_app(
         task_ignore_result=True,
         worker_prefetch_multiplier=prefetch_multiplier(),
         worker_hijack_root_logger=False,
-        # river has no fanout exchange, hence no remote control: off for every broker alike.
-        worker_enable_remote_control=False,
+        # bench/run.py measures the task path alone: remote control off for every broker
+        # alike. bench/broadcast.py turns it on (BENCH_REMOTE_CONTROL=1) to measure its cost.
+        worker_enable_remote_control=os.environ.get("BENCH_REMOTE_CONTROL") == "1",
         result_backend=None,
     )
     app.task(name=NOOP)(noop)

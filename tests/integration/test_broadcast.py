@@ -63,6 +63,16 @@ class Collector:
 
 # -- routing shared across processes ----------------------------------------------------------
 
+def test_transport_declares_fanout_and_topic_support(url, topts):
+    """What Celery checks before it enables remote control (and Flower relies on)."""
+    with connect(url, topts) as conn:
+        assert conn.supports_exchange_type("fanout")
+        assert conn.supports_exchange_type("topic")
+        assert conn.supports_exchange_type("direct")
+        assert not conn.supports_exchange_type("headers")
+        assert conn.default_channel.supports_fanout
+
+
 def test_fanout_reaches_every_bound_queue_of_every_process(url, topts, db, schema):
     got1, got2 = Collector(), Collector()
     with connect(url, topts) as c1, connect(url, topts) as c2, connect(url, topts) as pub:

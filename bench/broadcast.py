@@ -354,13 +354,13 @@ def table(results: dict[str, Any]) -> str:
         for n in names:
             m = results[n]["median_tasks_per_s"].get(s)
             r = results[n].get("ratio_vs_alone", {}).get(s)
-            cells.append("–" if m is None else f"{m:,.0f} ({r:.2f}×)" if r else f"{m:,.0f}")
+            cells.append("-" if m is None else f"{m:,.0f} ({r:.2f}x)" if r else f"{m:,.0f}")
         lines.append(f"| {labels[s]} | " + " | ".join(cells) + " |")
     for bound in (1, 10, 50):
         cells = []
         for n in names:
             rate = results[n].get("fanout_broadcasts_per_s", {}).get(bound)
-            cells.append("–" if rate is None else f"{rate:,.0f}")
+            cells.append("-" if rate is None else f"{rate:,.0f}")
         lines.append(f"| fanout publish, {bound} bound queue(s) (broadcasts/s) | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)

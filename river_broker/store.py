@@ -619,12 +619,15 @@ class Store:
                     self._promote_after(heads)
         return rows
 
-    def consume_queue(self, queue: str) -> None:
-        """Register this session as a consumer of ``queue`` (x-expires, auto-delete)."""
+    def consume_queue(self, queue: str) -> bool:
+        """Register this session as a consumer of ``queue`` (x-expires, auto-delete).
+        Returns whether the queue exists."""
         with self.lock:
             self.consuming.add(queue)
             owner = self.register_consumer()
-            self._execute("register_queue_consumers", {"queues": [queue], "owner": owner})
+            rows = self._execute("register_queue_consumers",
+                                 {"queues": [queue], "owner": owner}).fetchall()
+        return bool(rows)
 
     def cancel_queue(self, queue: str) -> bool:
         """Unregister; an auto-delete queue without other consumers is deleted. Returns

@@ -249,7 +249,15 @@ class Channel(virtual.Channel):
     def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str,
                       **kwargs: Any) -> Any:
         result = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
-        self.store.consume_queue(queue)  # registered: x-expires and auto-delete see it
+        # Registered, so x-expires and auto-delete see the consumer. A queue this process
+        # declared may have been deleted since (the cleaner saw only a dead consumer of an
+        # auto-delete queue, as when a worker restarts under the same name): declare it and
+        # its bindings again, as this process knows them.
+        if not self.store.consume_queue(queue) and queue in self._declarations:
+            self._new_queue(queue, **self._declarations[queue])
+            for exchange, routing_key, arguments in self.state.queue_bindings(queue):
+                self.queue_bind(queue, exchange, routing_key, arguments)
+            self.store.consume_queue(queue)
         self.connection.consumer.add_queue(
             QueueSlot(name=queue, limit=self._room, deliver=partial(self._deliver_row, queue),
                       prefetch=lambda: self.qos.prefetch_count or 0, no_ack=no_ack)
@@ -284,7 +292,13 @@ class Channel(virtual.Channel):
         """Queue(expires=..., message_ttl=...) become x-expires / x-message-ttl (ms)."""
         return to_rabbitmq_queue_arguments(arguments, **kwargs)
 
+    @property
+    def _declarations(self) -> dict[str, dict[str, Any]]:
+        """The latest declaration of each queue by this connection (its _new_queue kwargs)."""
+        return self.connection.declarations
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        self._declarations[queue] = dict(kwargs)
         arguments = kwargs.get("arguments") or {}
         self.store.declare_queue(
             queue, _json_safe(arguments), auto_delete=bool(kwargs.get("auto_delete")),
@@ -361,6 +375,8 @@ class Transport(virtual.Transport):
         self._tables: dict[str, tuple[float, list[tuple[str, str | None, str]]]] = {}
         self._kinds: dict[str, tuple[float, str | None]] = {}
         self._declared: set[str] = set()
+        #: Queue declarations made through this connection: queue -> _new_queue kwargs.
+        self.declarations: dict[str, dict[str, Any]] = {}
 
     # -- connection ------------------------------------------------------------------------
 

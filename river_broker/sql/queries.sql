@@ -760,6 +760,8 @@ ORDER BY priority DESC, id;
 
 -- name: register_queue_consumers
 -- basic_consume: this session (consumer %(owner)s, advisory-locked) consumes these queues.
+-- Returns the queues that exist; the caller declares the missing ones again (the cleaner may
+-- have deleted a queue between its declaration and this registration).
 -- Index: queue_consumer primary key; queue primary key.
 WITH registered AS (
     INSERT INTO {schema}.queue_consumer (queue, consumer_id)
@@ -768,7 +770,8 @@ WITH registered AS (
 )
 UPDATE {schema}.queue
 SET consumed = true, last_used_at = now()
-WHERE name = ANY(%(queues)s::text[]);
+WHERE name = ANY(%(queues)s::text[])
+RETURNING name;
 
 -- name: unregister_queue_consumer
 -- basic_cancel: returns whether the queue is now to be deleted (auto-delete, and no other

@@ -9,10 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -106,7 +104,7 @@ def test_revoke_before_start_and_terminate_while_running(start_worker, worker_en
     # The API form (revoke with terminate=True); the sequence test below uses the CLI form.
     replies = celery_app.control.revoke(running.id, terminate=True, signal="SIGKILL",
                                         reply=True, timeout=3)
-    assert [list(r.values())[0]["ok"] for r in replies] == [f"terminate: {running.id}"]
+    assert [next(iter(r.values()))["ok"] for r in replies] == [f"terminate: {running.id}"]
     work.delay("after", 0)
     wait_for(lambda: "after" in task_log.keys("done"), 30, "the worker to go on")
     assert "never" not in task_log.keys("start")

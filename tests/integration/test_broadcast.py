@@ -366,3 +366,24 @@ def test_batched_enqueue_refuses_fanout_publishes(url, topts, db, schema):
             Producer(conn.channel()).publish({"n": 1}, exchange=FANOUT)
         conn.transport.collecting = None
     assert count_rows(db, schema) == 0
+
+
+def test_queue_deleted_between_declare_and_consume_is_declared_again(url, topts, db,
+                                                                            schema):
+    """A worker killed and restarted under the same name: its pidbox queue (auto-delete) still
+    exists, consumed by nobody alive. A cleaner pass between the new declaration and the new
+    consumer deletes it (its last consumer died); consuming declares it again, bindings too."""
+    q = Queue("node.pidbox", FANOUT, auto_delete=True)
+    dead = connect(url, topts)
+    Consumer(dead.channel(), [q], callbacks=[Collector()], no_ack=True).consume()
+    db.execute("SELECT pg_terminate_backend(%s)", (dead.transport.store.conn.info.backend_pid,))
+    with connect(url, topts) as restarted:
+        q(restarted.channel()).declare()
+        assert clean_queues(url, topts) == ["node.pidbox"]  # the dead consumer was its last
+        got = Collector()
+        Consumer(restarted.channel(), [q], callbacks=[got], no_ack=True).consume()
+        with connect(url, topts) as pub:
+            Producer(pub.channel()).publish({"cmd": "ping"}, exchange=FANOUT)
+        wait_for(lambda: drain(restarted, 0.1) or got.bodies, 10, "the broadcast")
+    with contextlib.suppress(Exception):
+        dead.release()

@@ -144,8 +144,15 @@ class Consumer:
                     self._next_scheduled = due
             return
         queue = rest
-        if queue in self.slots:
+        slot = self.slots.get(queue)
+        if slot is not None:
             self._dirty.add(queue)
+            if slot.no_ack:
+                # Remote control, replies, events, gossip: the trailing check would double
+                # the fetches of every worker for each heartbeat of every other worker. A
+                # message whose NOTIFY was throttled away (a burst from one publisher to one
+                # queue) is fetched with the next notification or the fallback poll.
+                return
             # Publishers skip NOTIFYs within notify_throttle of their last one: look again
             # after that window, counted from the latest notification (not the first).
             delay = max(self.options.notify_throttle * self.trailing_delay_factor, 0.005)

@@ -39,6 +39,8 @@ class InsertResult:
 
     id: int | None
     duplicate_of: str | None = None
+    #: Routed through a binding whose queue no longer exists: dropped, as AMQP does.
+    unroutable: bool = False
 
     @property
     def inserted(self) -> bool:
@@ -206,10 +208,13 @@ class Store:
         self._last_notify[queue] = now
         return True
 
-    def insert(self, row: OutgoingRow) -> InsertResult:
+    def insert(self, row: OutgoingRow, *, bound: bool = False) -> InsertResult:
+        """Publish one message. ``bound``: the queue came from an exchange's bindings, so the
+        message is dropped (``unroutable``) if the queue was deleted meanwhile."""
         params = row.params()
         params["notify"] = self._should_notify(row.queue)
         params["channel"] = self.options.notify_channel
+        params["bound"] = bound and row.sequence_key is None
         with self.lock:
             try:
                 if row.sequence_key is not None:
@@ -222,6 +227,8 @@ class Store:
                     result = cur.fetchone()
                 else:
                     result = self._execute("insert_message", params).fetchone()
+                if result is None and params["bound"] and not self.queue_exists(row.queue):
+                    return InsertResult(None, unroutable=True)
                 return self._insert_result(result, row)
             except (psycopg.errors.DataError, psycopg.errors.CheckViolation) as exc:
                 raise MessageError(f"message for queue {row.queue!r} rejected: {exc}") from None

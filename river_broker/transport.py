@@ -76,6 +76,15 @@ class QoS(virtual.QoS):
         return []
 
 
+class DirectExchange(virtual_exchange.DirectExchange):
+    """Direct routing from the bindings (cached for routing_cache_ttl): a queue deleted since
+    they were read makes the message unroutable, not an orphan row."""
+
+    def deliver(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> None:
+        for queue in self.channel._lookup(exchange, routing_key):
+            self.channel._put(queue, message, bound=True, **kwargs)
+
+
 class TopicExchange(virtual_exchange.TopicExchange):
     """Topic routing happens in the database: the bindings of every process count."""
 
@@ -83,7 +92,8 @@ class TopicExchange(virtual_exchange.TopicExchange):
         self.channel._put_routed("topic", exchange, message, routing_key)
 
 
-EXCHANGE_TYPES = {**virtual_exchange.STANDARD_EXCHANGE_TYPES, "topic": TopicExchange}
+EXCHANGE_TYPES = {**virtual_exchange.STANDARD_EXCHANGE_TYPES, "direct": DirectExchange,
+                  "topic": TopicExchange}
 
 
 class Channel(virtual.Channel):
@@ -102,14 +112,19 @@ class Channel(virtual.Channel):
 
     # -- publishing ------------------------------------------------------------------------
 
-    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+    def _put(self, queue: str, message: dict[str, Any], bound: bool = False,
+             **kwargs: Any) -> None:
         row = to_row(queue, message)
         collecting = self.connection.collecting
         if collecting is not None:  # river_broker.enqueue_many: written later, in one batch
             collecting.append(row)
             return
-        result = self.store.insert(row)
-        if not result.inserted:
+        result = self.store.insert(row, bound=bound)
+        if result.unroutable:
+            self.connection.forget_routes()
+            logger.info("river_broker: message to queue %r dropped: the queue was deleted "
+                        "(auto-delete or x-expires) after this process read its binding", queue)
+        elif not result.inserted:
             record_duplicate(row, result.duplicate_of)
 
     def _put_fanout(self, exchange: str, message: dict[str, Any], routing_key: str,

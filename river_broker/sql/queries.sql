@@ -47,6 +47,11 @@ WITH released AS (
         %(unique_until)s
     FROM (SELECT count(*) FROM released) AS after_release,
          (SELECT count(*) FROM expired) AS after_expiry
+    -- Routed through a binding (%(bound)s): only while the queue exists. A binding read
+    -- from a cache may outlive its queue (auto-delete, x-expires): such a message is
+    -- unroutable and dropped, as AMQP does, instead of landing where nobody will consume it.
+    WHERE NOT %(bound)s::boolean
+       OR EXISTS (SELECT 1 FROM {schema}.queue AS bq WHERE bq.name = %(queue)s)
     ON CONFLICT DO NOTHING
     RETURNING id, state, run_at
 )

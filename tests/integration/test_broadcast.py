@@ -387,3 +387,21 @@ def test_queue_deleted_between_declare_and_consume_is_declared_again(url, topts,
         wait_for(lambda: drain(restarted, 0.1) or got.bodies, 10, "the broadcast")
     with contextlib.suppress(Exception):
         dead.release()
+
+
+def test_direct_publish_through_a_stale_binding_is_dropped_not_orphaned(url, topts, db, schema):
+    """A late `celery inspect` reply: the client's reply queue (auto-delete) went away, the
+    worker still has its binding cached. The reply is unroutable, as in RabbitMQ: no row is
+    left in a queue that no longer exists."""
+    reply_x = Exchange("reply.stale", type="direct", durable=False)
+    q = Queue("client.reply", reply_x, routing_key="client", auto_delete=True)
+    with connect(url, topts) as client, connect(url, topts, routing_cache_ttl=60) as worker:
+        cons = Consumer(client.channel(), [q], callbacks=[Collector()], no_ack=True)
+        cons.consume()
+        wp = Producer(worker.channel())
+        wp.publish({"reply": 1}, exchange=reply_x, routing_key="client")  # caches the binding
+        wait_for(lambda: drain(client, 0.1) or count_rows(db, schema) == 0, 10, "the reply")
+        cons.cancel()  # the client leaves: its auto-delete reply queue is deleted
+        assert "client.reply" not in queues(db, schema)
+        wp.publish({"reply": "late"}, exchange=reply_x, routing_key="client")
+    assert count_rows(db, schema) == 0

@@ -99,7 +99,8 @@ def test_broadcast_queries_use_their_indexes(dsn, schema):
         reap = _plan(conn, q["reap_dead_queue_consumers"], {"self": 1, "ns": 1})
         assert "queue_consumer_owner_idx" in reap
         insert = _plan(conn, q["insert_message"],
-                       {**row, "queue": "celery", "unique_key": None, "unique_states": None,
+                       {**row, "queue": "celery", "bound": True, "unique_key": None,
+                        "unique_states": None,
                         "unique_until": None})
         assert "queue_pkey" in insert  # the queue's x-message-ttl: one primary-key probe
     finally:

@@ -11,7 +11,8 @@ mingle and remote control on):
 
 A. **alone**: the measured worker and nothing else.
 B. **monitored**: plus ``--idle-workers`` idle workers (``-P solo``, each consuming a queue no task
-   goes to, Celery's defaults) and a Flower server whose API is read every second.
+   goes to, Celery's defaults) and a Flower server whose API is read every second (started with
+   ``--enable_events=False``: by default Flower turns every worker's task events on).
 C. **monitored, -E**: B, and the measured worker sends task events (``-E``), which Flower
    receives: three events per task.
 
@@ -125,7 +126,10 @@ class Fleet:
                     cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, start_new_session=True))
             self.procs.append(subprocess.Popen(
-                [*CELERY, "flower", f"--port={self.port}", "--address=127.0.0.1"],
+                # Flower would switch every worker's task events on (enable_events every 5 s);
+                # off here, so B measures heartbeats and remote control, C adds task events.
+                [*CELERY, "flower", f"--port={self.port}", "--address=127.0.0.1",
+                 "--enable_events=False"],
                 cwd=ROOT, env={**env, "FLOWER_UNAUTHENTICATED_API": "true"}, stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True))
         # Every idle worker answers ping: the fleet is up (and its start-up load is over).

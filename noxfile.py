@@ -55,8 +55,10 @@ def demo(session: nox.Session) -> None:
 @nox.session(python=PYTHONS_NEWEST)
 def bench(session: nox.Session) -> None:
     """Side-by-side against RabbitMQ, Redis and kombu's SQLAlchemy transport, then sequences and
-    enqueue (river only). ``nox -s bench -- --quick`` for the short versions."""
+    enqueue (river only), then the cost of monitoring (remote control, heartbeats, Flower) on
+    river, RabbitMQ and Redis. ``nox -s bench -- --quick`` for the short versions."""
     session.install("-e", ".[bench]")
     session.run("python", "bench/run.py", *session.posargs)
     session.run("python", "bench/sequences.py", *session.posargs)
     session.run("python", "bench/enqueue.py", *session.posargs)
+    session.run("python", "bench/broadcast.py", *session.posargs)

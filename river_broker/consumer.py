@@ -119,11 +119,15 @@ class Consumer:
     def add_queue(self, slot: QueueSlot) -> None:
         self.slots[slot.name] = slot
         self._dirty.add(slot.name)
-        self.store.listen(self.on_notification)
+        self.store.listen(self.on_notification, slot.name)
         self._next_poll = 0.0
 
     def remove_queue(self, name: str) -> None:
-        self.slots.pop(name, None)
+        if self.slots.pop(name, None) is not None:
+            try:
+                self.store.unlisten(name)
+            except Exception as exc:  # a broken connection: nothing to stop listening on
+                logger.debug("river_broker: UNLISTEN %s failed (%s)", name, exc)
         self._dirty.discard(name)
         self._trailing.pop(name, None)
 

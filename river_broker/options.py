@@ -6,6 +6,7 @@ Unknown options are an error: a typo must not silently fall back to a default.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -115,7 +116,15 @@ class TransportOptions:
 
     @property
     def notify_channel(self) -> str:
-        return f"{self.schema}.wakeup"
+        """Prefix of the NOTIFY channels. Each queue has its own channel,
+        ``<schema>.<first 12 hex digits of md5(queue)>`` (at most 61 bytes, under PostgreSQL's
+        63), so a session is woken only for the queues it consumes. The SQL computes the same
+        name: ``%(channel)s || left(md5(queue), 12)``."""
+        return f"{self.schema}."
+
+    def queue_channel(self, queue: str) -> str:
+        digest = hashlib.md5(queue.encode(), usedforsecurity=False).hexdigest()
+        return self.notify_channel + digest[:12]
 
 
 def _coerce(name: str, default: Any, value: Any) -> Any:

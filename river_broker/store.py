@@ -79,7 +79,9 @@ class Store:
         self.lock = threading.RLock()
         self.conn: psycopg.Connection | None = None
         self.consumer_id: int | None = None
-        self.listening = False
+        #: Queues whose channels to LISTEN on, and the channels this session listens on.
+        self._listen_queues: set[str] = set()
+        self._listening: set[str] = set()
         self._async_session = False
         self._last_notify: dict[str, float] = {}
         #: Queues this session consumes (registered in queue_consumer under consumer_id).
@@ -112,7 +114,7 @@ class Store:
             conn.add_notify_handler(self._on_notify)
             self.conn = conn
             self.consumer_id = None
-            self.listening = False
+            self._listening = set()  # channels this session LISTENs on
             self._async_session = False
             return conn
 
@@ -155,18 +157,36 @@ class Store:
 
     # -- notifications ---------------------------------------------------------------------
 
-    def listen(self, handler: Callable[[str], None]) -> None:
-        """LISTEN on the schema's wake-up channel; ``handler(payload)`` gets each notification."""
+    def listen(self, handler: Callable[[str], None], queue: str) -> None:
+        """LISTEN on ``queue``'s wake-up channel; ``handler(payload)`` gets each notification
+        (the payload names the queue)."""
         with self.lock:
-            conn = self.connect()
             self._notify_handler = handler
-            if not self.listening:
-                channel = sql.Identifier(self.options.notify_channel)
-                conn.execute(sql.SQL("LISTEN {}").format(channel))
-                self.listening = True
+            self._listen_queues.add(queue)
+            self._ensure_listening()
+
+    def unlisten(self, queue: str) -> None:
+        with self.lock:
+            self._listen_queues.discard(queue)
+            channel = self.options.queue_channel(queue)
+            # Another queue may share the channel (12 hex digits of md5): keep it then.
+            shared = any(self.options.queue_channel(q) == channel for q in self._listen_queues)
+            if channel in self._listening and self.connected and not shared:
+                assert self.conn is not None
+                self.conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)))
+                self._listening.discard(channel)
+
+    def _ensure_listening(self) -> None:
+        """LISTEN on the channels of every queue asked for (again, on a new session)."""
+        conn = self.connect()
+        for queue in sorted(self._listen_queues):
+            channel = self.options.queue_channel(queue)
+            if channel not in self._listening:
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                self._listening.add(channel)
 
     def _on_notify(self, notify: psycopg.Notify) -> None:
-        if self._notify_handler is not None and notify.channel == self.options.notify_channel:
+        if self._notify_handler is not None and notify.channel in self._listening:
             self._notify_handler(notify.payload)
 
     def consume_notifications(self) -> int:
@@ -180,10 +200,8 @@ class Store:
             count = 0
             while (n := pgconn.notifies()) is not None:
                 count += 1
-                if self._notify_handler is not None:
-                    channel = n.relname.decode()
-                    if channel == self.options.notify_channel:
-                        self._notify_handler(n.extra.decode())
+                if self._notify_handler is not None and n.relname.decode() in self._listening:
+                    self._notify_handler(n.extra.decode())
             return count
 
     def wait_readable(self, timeout: float) -> bool:
@@ -336,6 +354,7 @@ class Store:
                 if self.consuming:  # a new session: its queues are registered again
                     self._execute("register_queue_consumers",
                                   {"queues": sorted(self.consuming), "owner": self.consumer_id})
+                self._ensure_listening()  # and its channels listened to again
                 # A queue table's statistics are always stale (empty a second ago, 1M rows
                 # now, a queue ANALYZE never saw): with default selectivities the planner
                 # expects a handful of rows and sorts the whole queue on every fetch (10 ms at

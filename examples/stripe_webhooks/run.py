@@ -94,6 +94,9 @@ def main() -> None:
         timeline = " -> ".join(f"{e['seq']}" for e in by_customer[sample]
                                if e["event"] == "start")
         print(f"e.g. {sample}: events started in order {timeline}")
+        # Remote control crosses processes too (bindings live in the database).
+        nodes = sorted(name for reply in app.control.ping(timeout=1.0) for name in reply)
+        print(f"celery inspect ping: answered by {len(nodes)} workers ({', '.join(nodes)})")
         app.pool.force_close_all()
         if in_order != len(by_customer) or overlaps:
             sys.exit("ORDER VIOLATED")

@@ -1,5 +1,9 @@
 -- Every statement river_broker runs, by name. Loaded by river_broker/sql/__init__.py.
 -- {schema} is the quoted schema name; %(name)s are bind parameters (psycopg).
+-- NOTIFY: every queue has its own channel, %(channel)s (the schema name and a dot) followed
+-- by the first 12 hex digits of md5(queue); the payload names the queue ('a<queue>', or
+-- 's<epoch> <queue>' for a message scheduled for later). Consumers LISTEN only on the
+-- channels of the queues they consume (river_broker.options.TransportOptions.queue_channel).
 -- Each query names the index that serves it.
 
 -- name: insert_message
@@ -57,9 +61,10 @@ WITH released AS (
 )
 SELECT id, state,
        CASE WHEN %(notify)s::boolean
-            THEN pg_notify(%(channel)s, CASE WHEN state = 'scheduled'
-                                             THEN 's' || extract(epoch FROM run_at)::text || ' '
-                                             ELSE 'a' END || %(queue)s)
+            THEN pg_notify(%(channel)s || left(md5(%(queue)s), 12),
+                           CASE WHEN state = 'scheduled'
+                                THEN 's' || extract(epoch FROM run_at)::text || ' '
+                                ELSE 'a' END || %(queue)s)
        END,
        NULL::text AS duplicate_of
 FROM inserted
@@ -117,10 +122,11 @@ WITH input AS (
     ON CONFLICT DO NOTHING
     RETURNING id, task_id, state, queue, run_at
 ), woken AS (
-    SELECT pg_notify(%(channel)s, 'a' || q.queue)
+    SELECT pg_notify(%(channel)s || left(md5(q.queue), 12), 'a' || q.queue)
     FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'available') AS q
 ), scheduled AS (
-    SELECT pg_notify(%(channel)s, 's' || extract(epoch FROM min(run_at))::text || ' ' || queue)
+    SELECT pg_notify(%(channel)s || left(md5(queue), 12),
+                     's' || extract(epoch FROM min(run_at))::text || ' ' || queue)
     FROM inserted WHERE state = 'scheduled' GROUP BY queue
 )
 SELECT i.task_id, i.id, (SELECT count(*) FROM woken) + (SELECT count(*) FROM scheduled)
@@ -252,7 +258,8 @@ WITH requeued AS (
     WHERE m.id = t.id AND m.attempt = t.attempt AND m.state = 'reserved'
     RETURNING m.id, m.queue
 )
-SELECT requeued.id, pg_notify(%(channel)s, 'a' || requeued.queue)
+SELECT requeued.id, pg_notify(%(channel)s || left(md5(requeued.queue), 12),
+                             'a' || requeued.queue)
 FROM requeued;
 
 -- name: register_consumer
@@ -284,7 +291,8 @@ WITH owners AS (
     WHERE m.state = 'reserved' AND m.lease_owner = dead.owner
     RETURNING m.id, m.queue
 )
-SELECT count(*) AS rescued, (SELECT count(pg_notify(%(channel)s, 'a' || q.queue))
+SELECT count(*) AS rescued, (SELECT count(pg_notify(%(channel)s || left(md5(q.queue), 12),
+                                                    'a' || q.queue))
                              FROM (SELECT DISTINCT queue FROM rescued) AS q) AS woken
 FROM rescued;
 
@@ -305,7 +313,8 @@ WITH due AS (
     WHERE m.id = due.id
     RETURNING m.queue
 )
-SELECT count(*) AS promoted, (SELECT count(pg_notify(%(channel)s, 'a' || q.queue))
+SELECT count(*) AS promoted, (SELECT count(pg_notify(%(channel)s || left(md5(q.queue), 12),
+                                                     'a' || q.queue))
                               FROM (SELECT DISTINCT queue FROM promoted) AS q) AS woken
 FROM promoted;
 
@@ -478,9 +487,10 @@ WITH released AS (
 )
 SELECT id, state,
        CASE WHEN state <> 'pending' THEN
-            pg_notify(%(channel)s, CASE WHEN state = 'scheduled'
-                                        THEN 's' || extract(epoch FROM run_at)::text || ' '
-                                        ELSE 'a' END || %(queue)s)
+            pg_notify(%(channel)s || left(md5(%(queue)s), 12),
+                      CASE WHEN state = 'scheduled'
+                           THEN 's' || extract(epoch FROM run_at)::text || ' '
+                           ELSE 'a' END || %(queue)s)
        END,
        NULL::text AS duplicate_of
 FROM inserted
@@ -556,9 +566,10 @@ WITH keys AS (
     WHERE s.key = k.key AND NOT EXISTS (SELECT 1 FROM next WHERE next.key = k.key)
 )
 SELECT p.id,
-       pg_notify(%(channel)s, CASE WHEN p.state = 'scheduled'
-                                   THEN 's' || extract(epoch FROM p.run_at)::text || ' '
-                                   ELSE 'a' END || p.queue)
+       pg_notify(%(channel)s || left(md5(p.queue), 12),
+                 CASE WHEN p.state = 'scheduled'
+                      THEN 's' || extract(epoch FROM p.run_at)::text || ' '
+                      ELSE 'a' END || p.queue)
 FROM promoted AS p;
 
 -- name: stale_sequence_heads
@@ -618,7 +629,8 @@ WITH head AS (
     FROM head
     WHERE s.key = %(key)s
 )
-SELECT head.id, pg_notify(%(channel)s, 'a' || head.queue) FROM head;
+SELECT head.id, pg_notify(%(channel)s || left(md5(head.queue), 12), 'a' || head.queue)
+FROM head;
 
 -- name: skip_sequence_head
 -- Drop a halted key's failed head and let the key move on (promote_next_in_sequence follows).
@@ -724,9 +736,10 @@ WITH commit_mode AS (
 )
 SELECT count(*) AS delivered,
        count(CASE WHEN %(notify)s::boolean THEN
-                  pg_notify(%(channel)s, CASE WHEN state = 'scheduled'
-                                              THEN 's' || extract(epoch FROM run_at)::text || ' '
-                                              ELSE 'a' END || queue)
+                  pg_notify(%(channel)s || left(md5(queue), 12),
+                            CASE WHEN state = 'scheduled'
+                                 THEN 's' || extract(epoch FROM run_at)::text || ' '
+                                 ELSE 'a' END || queue)
              END) AS woken
 FROM inserted;
 

@@ -22,5 +22,6 @@ def test_example_runs_and_reports(script, dsn):
     if "stripe" in script:
         assert "per-customer order kept: 40/40 customers" in out.stdout
         assert "running at once: 0" in out.stdout
+        assert "celery inspect ping: answered by 2 workers" in out.stdout
     else:
         assert "all 4 long tasks finished" in out.stdout

@@ -7,7 +7,11 @@ def test_defaults_when_no_options():
     opts = TransportOptions.from_transport_options(None)
     assert opts.schema == "river_broker"
     assert opts.auto_migrate is True
-    assert opts.notify_channel == "river_broker.wakeup"
+    assert opts.notify_channel == "river_broker."
+    channel = opts.queue_channel("celery")
+    assert channel == "river_broker.d48bac364ad5"  # md5("celery")[:12], as the SQL computes
+    long = TransportOptions.from_transport_options({"schema": "s" * 48})
+    assert len(long.queue_channel("q" * 500).encode()) <= 63
 
 
 def test_unknown_option_is_an_error_with_a_hint():

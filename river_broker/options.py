@@ -60,6 +60,10 @@ class TransportOptions:
     #: database (fanout and topic exchanges route in the database on every publish). A publish
     #: that matches no cached binding always reads them again.
     routing_cache_ttl: float = 1.0
+    #: Transient messages to fanout and topic exchanges (Celery's events and remote-control
+    #: requests) are written by a background thread, in batches: publish() returns at once, as
+    #: with RabbitMQ without publisher confirms. Off: each waits for its own statement.
+    async_transient_publish: bool = True
     #: Write acks and leases without waiting for the WAL flush (a lost ack means a re-run,
     #: which at-least-once allows). Publishing is always durable.
     async_ack_commit: bool = True

@@ -617,13 +617,26 @@ class Store:
             return [(r[0], r[1], r[2]) for r in
                     self._execute("exchange_bindings", {"exchange": exchange}).fetchall()]
 
-    def publish_routed(self, kind: str, exchange: str, routing_key: str, row: OutgoingRow,
-                       *, durable: bool) -> int:
-        """One row per queue bound to ``exchange`` that matches; returns how many."""
+    def routed_params(self, kind: str, exchange: str, routing_key: str, row: OutgoingRow,
+                      *, durable: bool) -> dict[str, Any]:
         params = row.params()
         params.update(kind=kind, exchange=exchange, routing_key=routing_key or "",
                       durable=durable, channel=self.options.notify_channel,
                       notify=self._should_notify(f"{exchange}\0{routing_key}"))
+        return params
+
+    def publish_routed_many(self, batch: Sequence[dict[str, Any]]) -> None:
+        """Write routed publishes (routed_params) in one transaction and one round trip."""
+        with self.lock:
+            conn = self.connect()
+            with conn.pipeline(), conn.transaction():
+                for params in batch:
+                    self._execute("publish_routed", params)
+
+    def publish_routed(self, kind: str, exchange: str, routing_key: str, row: OutgoingRow,
+                       *, durable: bool) -> int:
+        """One row per queue bound to ``exchange`` that matches; returns how many."""
+        params = self.routed_params(kind, exchange, routing_key, row, durable=durable)
         with self.lock:
             try:
                 result = self._execute("publish_routed", params).fetchone()

@@ -22,6 +22,7 @@ from kombu.transport import virtual
 from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.transport.virtual import exchange as virtual_exchange
 
+from .broadcaster import Broadcaster
 from .conninfo import conninfo_from_client
 from .consumer import Consumer, QueueSlot
 from .errors import ConfigurationError, MessageError, SchemaError
@@ -144,8 +145,12 @@ class Channel(virtual.Channel):
                 f"sequence and unique keys apply to one queue: a message published to the "
                 f"{kind} exchange {exchange!r} (one copy per bound queue) cannot carry them")
         delivery_mode = (message.get("properties") or {}).get("delivery_mode")
-        self.store.publish_routed(kind, exchange, routing_key, row,
-                                  durable=delivery_mode not in (1, "transient"))
+        transient = delivery_mode in (1, "transient")
+        if transient and self.store.options.async_transient_publish:
+            self.connection.broadcaster.submit(
+                self.store.routed_params(kind, exchange, routing_key, row, durable=False))
+            return
+        self.store.publish_routed(kind, exchange, routing_key, row, durable=not transient)
 
     # -- exchanges and bindings (shared through the database) ------------------------------
 
@@ -392,6 +397,7 @@ class Transport(virtual.Transport):
         self._declared: set[str] = set()
         #: Queue declarations made through this connection: queue -> _new_queue kwargs.
         self.declarations: dict[str, dict[str, Any]] = {}
+        self._broadcaster: Broadcaster | None = None
 
     # -- connection ------------------------------------------------------------------------
 
@@ -414,11 +420,21 @@ class Transport(virtual.Transport):
                 logger.info("river_broker: acks not written at close (%s); the messages "
                             "will be redelivered", exc)
             self._unregister_from_loop()
+            if self._broadcaster is not None:  # transient broadcasts still pending
+                self._broadcaster.close()
+                self._broadcaster = None
             self.store.close()
             self._closed = True
 
     def driver_version(self) -> str:
         return psycopg.__version__
+
+    @property
+    def broadcaster(self) -> Broadcaster:
+        """The background writer of this connection's transient broadcasts (started lazily)."""
+        if self._broadcaster is None:
+            self._broadcaster = Broadcaster(self.store.publish_routed_many)
+        return self._broadcaster
 
     # -- routing ---------------------------------------------------------------------------
 

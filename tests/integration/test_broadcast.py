@@ -405,3 +405,82 @@ def test_direct_publish_through_a_stale_binding_is_dropped_not_orphaned(url, top
         assert "client.reply" not in queues(db, schema)
         wp.publish({"reply": "late"}, exchange=reply_x, routing_key="client")
     assert count_rows(db, schema) == 0
+
+
+# -- transient broadcasts are written in the background ---------------------------------------
+
+def test_transient_broadcasts_are_all_written_by_close(url, topts, db, schema):
+    with connect(url, topts) as conn:
+        Queue("events.all", EVENTS, routing_key="#")(conn.channel()).declare()
+        producer = Producer(conn.channel())
+        for i in range(300):
+            producer.publish({"i": i}, exchange=EVENTS, routing_key="task.multi",
+                             delivery_mode=1)
+    assert count_rows(db, schema) == 300  # the connection's close waited for the writer
+
+
+def test_transient_broadcasts_keep_their_order(url, topts):
+    got = Collector()
+    with connect(url, topts) as sub, connect(url, topts) as pub:
+        Consumer(sub.channel(), [Queue("ordered", EVENTS, routing_key="#")], callbacks=[got],
+                 no_ack=True).consume()
+        producer = Producer(pub.channel())
+        for i in range(200):
+            producer.publish({"i": i}, exchange=EVENTS, routing_key="worker.x", delivery_mode=1)
+        wait_for(lambda: drain(sub, 0.1) or len(got.bodies) == 200, 20, "every event")
+    assert [b["i"] for b in got.bodies] == list(range(200))
+
+
+def test_short_script_exiting_without_close_still_broadcasts(url, topts, db, schema):
+    """`app.control.broadcast(...)` from a script that exits at once: written at exit."""
+    import subprocess
+    import sys
+
+    with connect(url, topts) as conn:
+        Queue("exit.flush", FANOUT)(conn.channel()).declare()
+    script = (
+        "import river_broker, kombu\n"
+        f"c = kombu.Connection({url!r}, transport_options={topts!r})\n"
+        "p = kombu.Producer(c.channel())\n"
+        "x = kombu.Exchange('bcast', type='fanout', durable=False)\n"
+        "for i in range(50): p.publish({'i': i}, exchange=x, delivery_mode=1)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert count_rows(db, schema) == 50
+
+
+def test_broadcasts_resume_after_the_publisher_session_is_terminated(url, topts, db, schema,
+                                                                     caplog):
+    """A transient broadcast may be lost with its session (as RabbitMQ loses transient
+    messages with the connection); the publisher must go on and later ones must arrive."""
+    got = Collector()
+    with connect(url, topts) as sub, connect(url, topts) as pub:
+        Consumer(sub.channel(), [Queue("after.kill", FANOUT)], callbacks=[got],
+                 no_ack=True).consume()
+        producer = Producer(pub.channel())
+        producer.publish({"n": "before"}, exchange=FANOUT, delivery_mode=1)
+        pub.transport.broadcaster.flush()
+        db.execute("SELECT pg_terminate_backend(%s)",
+                   (pub.transport.store.conn.info.backend_pid,))
+        sent = 0
+
+        def arrived() -> bool:
+            nonlocal sent
+            producer.publish({"n": sent}, exchange=FANOUT, delivery_mode=1)
+            sent += 1
+            drain(sub, 0.1)
+            return any(b["n"] != "before" for b in got.bodies)
+
+        wait_for(arrived, 20, "a broadcast after the session was terminated")
+    assert got.bodies[0] == {"n": "before"}
+
+
+def test_synchronous_transient_publish_when_switched_off(url, topts, db, schema):
+    with connect(url, topts, async_transient_publish=False) as conn:
+        Queue("sync.events", EVENTS, routing_key="#")(conn.channel()).declare()
+        Producer(conn.channel()).publish({"i": 1}, exchange=EVENTS, routing_key="a",
+                                         delivery_mode=1)
+        assert count_rows(db, schema) == 1  # written when publish() returned
+        assert conn.transport._broadcaster is None

@@ -38,7 +38,7 @@ _live: weakref.WeakSet[Broadcaster] = weakref.WeakSet()
 class Broadcaster:
     """A background writer for ``write(batch)``; ``batch`` is a list of what ``submit`` got."""
 
-    def __init__(self, write: Callable[[list[Any]], None], name: str = "river_broker"):
+    def __init__(self, write: Callable[[list[Any]], object], name: str = "river_broker"):
         self._write = write
         self._name = name
         self._pending: deque[Any] = deque()

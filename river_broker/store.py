@@ -625,13 +625,22 @@ class Store:
                       notify=self._should_notify(f"{exchange}\0{routing_key}"))
         return params
 
-    def publish_routed_many(self, batch: Sequence[dict[str, Any]]) -> None:
-        """Write routed publishes (routed_params) in one transaction and one round trip."""
+    def publish_routed_many(self, batch: Sequence[dict[str, Any]]) -> int:
+        """Write transient routed publishes (routed_params) in one statement, in order;
+        returns how many rows (copies) were written."""
+        def column(name: str) -> list[Any]:
+            return [params[name] for params in batch]
+
+        params = {
+            "kinds": column("kind"), "exchanges": column("exchange"),
+            "routing_keys": column("routing_key"), "priorities": column("priority"),
+            "run_ats": column("run_at"), "ttls": column("ttl"), "task_ids": column("task_id"),
+            "task_names": column("task_name"), "payloads": column("payload"),
+            "channel": self.options.notify_channel,
+        }
         with self.lock:
-            conn = self.connect()
-            with conn.pipeline(), conn.transaction():
-                for params in batch:
-                    self._execute("publish_routed", params)
+            row = self._execute("publish_routed_batch", params).fetchone()
+        return int(row[0]) if row else 0
 
     def publish_routed(self, kind: str, exchange: str, routing_key: str, row: OutgoingRow,
                        *, durable: bool) -> int:

@@ -870,3 +870,58 @@ WITH gone AS (
 )
 SELECT name, (SELECT count(*) FROM ready) + (SELECT count(*) FROM later) AS dropped
 FROM gone;
+
+-- name: publish_routed_batch
+-- The background writer's batch of transient fanout/topic publishes (river_broker.broadcaster):
+-- publish_routed for many messages in one statement, in publishing order (ids follow ord).
+-- Committed without waiting for the WAL flush. One NOTIFY per queue that received messages.
+-- Index: binding primary key (exchange first); queue primary key.
+WITH commit_mode AS (
+    SELECT set_config('synchronous_commit', 'off', true) AS mode
+), input AS (
+    SELECT *
+    FROM unnest(%(kinds)b::text[], %(exchanges)b::text[], %(routing_keys)b::text[],
+                %(priorities)b::smallint[], %(run_ats)b::timestamptz[], %(ttls)b::float8[],
+                %(task_ids)b::text[], %(task_names)b::text[], %(payloads)b::text[])
+         WITH ORDINALITY
+         AS t(kind, exchange, routing_key, priority, run_at, ttl, task_id, task_name, payload,
+              ord)
+), targets AS (
+    SELECT DISTINCT i.ord, b.queue
+    FROM input AS i
+    JOIN {schema}.binding AS b
+      ON b.exchange = i.exchange
+     AND CASE i.kind
+             WHEN 'fanout' THEN true
+             WHEN 'topic' THEN i.routing_key ~ b.pattern
+             ELSE b.routing_key = i.routing_key
+         END
+), inserted AS (
+    INSERT INTO {schema}.message
+        (queue, state, priority, run_at, expires_at, task_id, task_name, payload)
+    SELECT t.queue,
+           CASE WHEN i.run_at > now() THEN 'scheduled' ELSE 'available' END,
+           i.priority,
+           coalesce(i.run_at, now()),
+           least(CASE WHEN i.ttl IS NULL THEN NULL ELSE now() + make_interval(secs => i.ttl) END,
+                 now() + q.message_ttl_ms * interval '1 millisecond'),
+           i.task_id,
+           i.task_name,
+           i.payload
+    FROM targets AS t
+    JOIN input AS i ON i.ord = t.ord
+    CROSS JOIN commit_mode
+    LEFT JOIN {schema}.queue AS q ON q.name = t.queue
+    ORDER BY t.ord, t.queue
+    RETURNING queue, state, run_at
+), woken AS (
+    SELECT pg_notify(%(channel)s || left(md5(w.queue), 12), 'a' || w.queue)
+    FROM (SELECT DISTINCT queue FROM inserted WHERE state = 'available') AS w
+), scheduled AS (
+    SELECT pg_notify(%(channel)s || left(md5(queue), 12),
+                     's' || extract(epoch FROM min(run_at))::text || ' ' || queue)
+    FROM inserted WHERE state = 'scheduled' GROUP BY queue
+)
+SELECT count(*) AS delivered,
+       (SELECT count(*) FROM woken) + (SELECT count(*) FROM scheduled) AS woken
+FROM inserted;

@@ -92,7 +92,10 @@ def test_publish_to_fanout_without_bound_queues_stores_nothing(url, topts, db, s
     assert count_rows(db, schema) == 0
 
 
-def test_topic_routing_matches_patterns_bound_by_other_processes(url, topts):
+@pytest.mark.parametrize("delivery_mode", [1, 2], ids=["transient", "persistent"])
+def test_topic_routing_matches_patterns_bound_by_other_processes(url, topts, delivery_mode):
+    """Transient messages go through the background writer's batch statement, persistent ones
+    through one statement each: both route the same way."""
     workers, tasks_ = Collector(), Collector()
     with connect(url, topts) as c1, connect(url, topts) as pub:
         Consumer(c1.channel(), [Queue("ev.workers", EVENTS, routing_key="worker.#"),
@@ -100,9 +103,9 @@ def test_topic_routing_matches_patterns_bound_by_other_processes(url, topts):
                  callbacks=[lambda b, m: (workers if b["q"] == "w" else tasks_)(b, m)],
                  no_ack=True).consume()
         p = Producer(pub.channel())
-        p.publish({"q": "w"}, exchange=EVENTS, routing_key="worker.heartbeat")
-        p.publish({"q": "t"}, exchange=EVENTS, routing_key="task.succeeded")
-        p.publish({"q": "x"}, exchange=EVENTS, routing_key="task.received")  # no binding matches
+        for body, key in (({"q": "w"}, "worker.heartbeat"), ({"q": "t"}, "task.succeeded"),
+                          ({"q": "x"}, "task.received")):  # the last one matches no binding
+            p.publish(body, exchange=EVENTS, routing_key=key, delivery_mode=delivery_mode)
         wait_for(lambda: drain(c1, 0.1) or (workers.bodies and tasks_.bodies), 10, "events")
         drain(c1, 0.3)
     assert workers.bodies == [{"q": "w"}]

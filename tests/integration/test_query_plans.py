@@ -89,6 +89,12 @@ def test_broadcast_queries_use_their_indexes(dsn, schema):
             routed = _plan(conn, q["publish_routed"],
                            {**row, "kind": kind, "exchange": "celeryev", "routing_key": "a.b"})
             assert "binding_pkey" in routed and "Seq Scan" not in routed
+        batch = _plan(conn, q["publish_routed_batch"], {
+            "kinds": ["topic", "fanout"], "exchanges": ["celeryev", "celery.pidbox"],
+            "routing_keys": ["task.multi", ""], "priorities": [0, 0], "run_ats": [None, None],
+            "ttls": [None, None], "task_ids": [None, None], "task_names": [None, None],
+            "payloads": ["{}", "{}"], "channel": "x"})
+        assert "binding_pkey" in batch and "Seq Scan" not in batch
         noack = _plan(conn, q["fetch_noack"], {"queue": "celery", "limit": 10, "retain": False})
         assert "message_fetch_idx" in noack and "Seq Scan" not in noack
         drop = _plan(conn, q["drop_queues"], {"queues": ["other"]})

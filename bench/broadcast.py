@@ -58,9 +58,11 @@ from bench.run import (  # noqa: E402
     celery_publish,
     connect,
     delete_queues,
+    log,
     make_brokers,
     pg_started_at,
     reachable,
+    ready_count,
     sigterm_as_exit,
     versions,
 )
@@ -68,10 +70,6 @@ from bench.run import (  # noqa: E402
 BROKERS = ("river", "rabbitmq", "redis")
 SCENARIOS = ("alone", "monitored", "monitored_events")
 CELERY = [sys.executable, "-m", "celery", "-A", "bench.celery_app"]
-
-
-def log(broker: str, text: str) -> None:
-    print(f"[{broker}] {text}", flush=True)
 
 
 def env_for(broker: Broker, queue: str, **extra: str) -> dict[str, str]:
@@ -238,7 +236,7 @@ def fanout_publish(broker: Broker, run_id: str, bound: int, n: int) -> float:
         for i in range(n):
             producer.publish({"i": i}, exchange=exchange, delivery_mode=1)
         deadline = time.monotonic() + 60
-        while any(ready(channel, name) < n for name in names):
+        while any(ready_count(channel, name) < n for name in names):
             if time.monotonic() > deadline:
                 raise TimeoutError("broadcasts not all delivered after 60 s")
             time.sleep(0.01)
@@ -249,13 +247,6 @@ def fanout_publish(broker: Broker, run_id: str, bound: int, n: int) -> float:
         with contextlib.suppress(Exception):
             exchange(channel).delete()
     return n / elapsed
-
-
-def ready(channel: Any, queue: str) -> int:
-    size = getattr(channel, "_size", None)
-    if size is not None:
-        return int(size(queue))
-    return int(channel.queue_declare(queue=queue, passive=True).message_count)
 
 
 def one_round(broker: Broker, queue: str, n: int, workdir: Path, events: bool) -> float:

@@ -617,17 +617,18 @@ class Store:
             return [(r[0], r[1], r[2]) for r in
                     self._execute("exchange_bindings", {"exchange": exchange}).fetchall()]
 
-    def routed_params(self, kind: str, exchange: str, routing_key: str, row: OutgoingRow,
-                      *, durable: bool) -> dict[str, Any]:
+    @staticmethod
+    def routed_params(kind: str, exchange: str, routing_key: str,
+                      row: OutgoingRow) -> dict[str, Any]:
+        """One message of a publish_routed batch."""
         params = row.params()
-        params.update(kind=kind, exchange=exchange, routing_key=routing_key or "",
-                      durable=durable, channel=self.options.notify_channel,
-                      notify=self._should_notify(f"{exchange}\0{routing_key}"))
+        params.update(kind=kind, exchange=exchange, routing_key=routing_key or "")
         return params
 
-    def publish_routed_many(self, batch: Sequence[dict[str, Any]]) -> int:
-        """Write transient routed publishes (routed_params) in one statement, in order;
-        returns how many rows (copies) were written."""
+    def publish_routed_many(self, batch: Sequence[dict[str, Any]], *,
+                            durable: bool = False) -> int:
+        """Route and write messages (routed_params) in one statement, in order; returns how
+        many rows (copies) were written. Not durable: committed without the WAL flush."""
         def column(name: str) -> list[Any]:
             return [params[name] for params in batch]
 
@@ -636,23 +637,22 @@ class Store:
             "routing_keys": column("routing_key"), "priorities": column("priority"),
             "run_ats": column("run_at"), "ttls": column("ttl"), "task_ids": column("task_id"),
             "task_names": column("task_name"), "payloads": column("payload"),
-            "channel": self.options.notify_channel,
+            "durable": durable, "channel": self.options.notify_channel,
         }
         with self.lock:
-            row = self._execute("publish_routed_batch", params).fetchone()
+            try:
+                row = self._execute("publish_routed", params).fetchone()
+            except (psycopg.errors.DataError, psycopg.errors.CheckViolation) as exc:
+                exchanges = sorted({str(p["exchange"]) for p in batch})
+                raise MessageError(f"message for exchange(s) {exchanges} rejected: {exc}") \
+                    from None
         return int(row[0]) if row else 0
 
     def publish_routed(self, kind: str, exchange: str, routing_key: str, row: OutgoingRow,
                        *, durable: bool) -> int:
         """One row per queue bound to ``exchange`` that matches; returns how many."""
-        params = self.routed_params(kind, exchange, routing_key, row, durable=durable)
-        with self.lock:
-            try:
-                result = self._execute("publish_routed", params).fetchone()
-            except (psycopg.errors.DataError, psycopg.errors.CheckViolation) as exc:
-                raise MessageError(f"message for exchange {exchange!r} rejected: {exc}") \
-                    from None
-        return int(result[0]) if result else 0
+        return self.publish_routed_many(
+            [self.routed_params(kind, exchange, routing_key, row)], durable=durable)
 
     def fetch_noack(self, queue: str, limit: int) -> list[LeasedRow]:
         """Take up to ``limit`` messages, finished as they are taken (no_ack consumers)."""

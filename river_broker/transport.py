@@ -148,7 +148,7 @@ class Channel(virtual.Channel):
         transient = delivery_mode in (1, "transient")
         if transient and self.store.options.async_transient_publish:
             self.connection.broadcaster.submit(
-                self.store.routed_params(kind, exchange, routing_key, row, durable=False))
+                self.store.routed_params(kind, exchange, routing_key, row))
             return
         self.store.publish_routed(kind, exchange, routing_key, row, durable=not transient)
 

@@ -696,53 +696,6 @@ WHERE exchange = %(exchange)s AND routing_key = %(routing_key)s AND queue = %(qu
 -- Index: binding primary key (exchange first).
 SELECT routing_key, pattern, queue FROM {schema}.binding WHERE exchange = %(exchange)s;
 
--- name: publish_routed
--- Publish to a fanout or topic exchange (or a direct one, for callers that route in SQL): one
--- row per bound queue whose binding matches, in one statement, so routing is what the
--- database holds at that instant. A topic binding matches by its pattern (a regular
--- expression, ~). Transient messages (delivery_mode 1: Celery's events and remote control)
--- commit without waiting for the WAL flush; persistent ones are durable when this returns.
--- The queue's x-message-ttl applies. One NOTIFY per queue that received a ready message.
--- Index: binding primary key (exchange first); queue primary key.
-WITH commit_mode AS (
-    SELECT set_config('synchronous_commit',
-                      CASE WHEN %(durable)s::boolean THEN 'on' ELSE 'off' END, true) AS mode
-), targets AS (
-    SELECT DISTINCT b.queue
-    FROM {schema}.binding AS b
-    WHERE b.exchange = %(exchange)s
-      AND CASE %(kind)s::text
-              WHEN 'fanout' THEN true
-              WHEN 'topic' THEN %(routing_key)s::text ~ b.pattern
-              ELSE b.routing_key = %(routing_key)s::text
-          END
-), inserted AS (
-    INSERT INTO {schema}.message
-        (queue, state, priority, run_at, expires_at, task_id, task_name, payload)
-    SELECT t.queue,
-           CASE WHEN %(run_at)s::timestamptz > now() THEN 'scheduled' ELSE 'available' END,
-           %(priority)s,
-           coalesce(%(run_at)s::timestamptz, now()),
-           least(CASE WHEN %(ttl)s::float8 IS NULL THEN NULL
-                      ELSE now() + make_interval(secs => %(ttl)s::float8) END,
-                 now() + q.message_ttl_ms * interval '1 millisecond'),
-           %(task_id)s,
-           %(task_name)s,
-           %(payload)s
-    FROM targets AS t
-    CROSS JOIN commit_mode
-    LEFT JOIN {schema}.queue AS q ON q.name = t.queue
-    RETURNING queue, state, run_at
-)
-SELECT count(*) AS delivered,
-       count(CASE WHEN %(notify)s::boolean THEN
-                  pg_notify(%(channel)s || left(md5(queue), 12),
-                            CASE WHEN state = 'scheduled'
-                                 THEN 's' || extract(epoch FROM run_at)::text || ' '
-                                 ELSE 'a' END || queue)
-             END) AS woken
-FROM inserted;
-
 -- name: fetch_noack
 -- basic_consume / basic_get with no_ack: the messages are finished as they are taken (deleted,
 -- or kept as 'completed' when retained or unique while completed); at most once, as AMQP's
@@ -871,13 +824,18 @@ WITH gone AS (
 SELECT name, (SELECT count(*) FROM ready) + (SELECT count(*) FROM later) AS dropped
 FROM gone;
 
--- name: publish_routed_batch
--- The background writer's batch of transient fanout/topic publishes (river_broker.broadcaster):
--- publish_routed for many messages in one statement, in publishing order (ids follow ord).
--- Committed without waiting for the WAL flush. One NOTIFY per queue that received messages.
+-- name: publish_routed
+-- Publish to fanout and topic exchanges (or a direct one, for callers that route in SQL): for
+-- each message of the arrays, one row per bound queue whose binding matches, in one statement,
+-- so routing is what the database holds at that instant. A topic binding matches by its pattern
+-- (a regular expression, ~). Rows are inserted in publishing order (ids follow ord). Used for a
+-- single persistent message, and for the background writer's batches of transient ones
+-- (river_broker.broadcaster), which commit without waiting for the WAL flush (durable false).
+-- The queue's x-message-ttl applies. One NOTIFY per queue that received messages.
 -- Index: binding primary key (exchange first); queue primary key.
 WITH commit_mode AS (
-    SELECT set_config('synchronous_commit', 'off', true) AS mode
+    SELECT set_config('synchronous_commit',
+                      CASE WHEN %(durable)s::boolean THEN 'on' ELSE 'off' END, true) AS mode
 ), input AS (
     SELECT *
     FROM unnest(%(kinds)b::text[], %(exchanges)b::text[], %(routing_keys)b::text[],

@@ -293,7 +293,8 @@ def test_killed_worker_leaves_no_pidbox_behind_and_its_tasks_run(start_worker, w
     doomed = start_worker("-P", "prefork", "-c", "2", name="doomed")
     survivor = start_worker("-P", "threads", "-c", "2", name="survivor")
     assert f"{doomed.nodename}.celery.pidbox" in node_queues(db, schema)
-    results = [work.delay(f"k{i}", 1) for i in range(6)]
+    for i in range(6):
+        work.delay(f"k{i}", 1)
     wait_for(lambda: task_log.events("start"), 20, "work to start")
     doomed.kill_group()
     wait_for(lambda: f"{doomed.nodename}.celery.pidbox" not in node_queues(db, schema), 30,
@@ -301,7 +302,6 @@ def test_killed_worker_leaves_no_pidbox_behind_and_its_tasks_run(start_worker, w
     assert inspect(worker_env, "ping") == {survivor.nodename: {"ok": "pong"}}
     wait_for(lambda: {f"k{i}" for i in range(6)} <= set(task_log.keys("done")), 60,
              "every task to run at least once")
-    assert len(results) == 6
 
 
 def test_worker_answers_again_after_its_sessions_are_terminated(start_worker, worker_env,
